@@ -1,0 +1,2157 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["botocore>=1.36"]
+# ///
+# SPDX-License-Identifier: MIT
+"""track_metrics: track a codebase's metrics across CI runs in a SQLite database on S3.
+
+One tracking run downloads the metrics database from S3-compatible storage, checks it, runs
+the metric commands of ``unentropy.json``, records their values with the build's context,
+uploads the database back with a compare-and-swap (concurrent runs never lose a build), and
+writes a self-contained HTML report.
+
+Three ways to run it, all from this one file:
+
+    python3 track_metrics.py --config unentropy.json          # any CI, after curl -fsSLO
+    uses: <owner>/track_metrics@v0                             # GitHub Action (action.yml)
+    import track_metrics; track_metrics.main(["--local-db", "m.db"])   # vendored
+
+Library API: ``main(argv=None, environ=None) -> int`` is the command line;
+``run(params, config, console=None, environ=None) -> ActionResult`` is one tracking run,
+with ``ActionParameters.from_sources`` and ``load_config`` building its inputs. The
+dataclasses (``ActionResult``, ``WorkflowPhase``, ``WorkflowError``, ``DatabaseFile``, ...)
+are plain values; ``TrackMetricsError`` is the one exception the library raises on purpose.
+Nothing but ``main`` prints to stdout or exits.
+
+Exit codes: 0 success; 1 the run failed; 2 usage, configuration or parameter error (nothing
+was touched); 75 retryable failure (network, unavailable, conflict): re-running may succeed.
+
+Error codes (``WorkflowError.code``):
+    CONFIG_NOT_FOUND        the configuration file does not exist
+    CONFIG_INVALID_JSON     the configuration file is not valid JSON
+    CONFIG_INVALID          one or more fields are invalid (all are listed)
+    CONFIG_STORAGE_MISSING  no "storage" block and no --local-db
+    CONFIG_SECRET_IN_FILE   a credential was found in the configuration file
+    PARAM_MISSING           a required parameter (bucket, credentials) was not given
+    PARAM_INVALID           a parameter has a bad value
+    S3_AUTH_FAILED          the credentials were rejected (unknown key, bad secret, expired)
+    S3_ACCESS_DENIED        the credentials lack a permission (s3:GetObject, s3:PutObject)
+    S3_BUCKET_NOT_FOUND     the bucket does not exist
+    S3_NETWORK              connection refused or reset, DNS, TLS, timeouts (retryable)
+    S3_UNAVAILABLE          5xx, SlowDown, throttling after retries (retryable)
+    S3_CONFLICT             concurrent writers kept winning the compare-and-swap (retryable)
+    S3_CONDITIONAL_WRITES_UNSUPPORTED  the provider ignores If-Match / If-None-Match
+    S3_UPLOAD_UNVERIFIED    the object read back after upload is not what was written
+    S3_ERROR                any other S3 error
+    DB_TOO_LARGE            the database exceeds the 5 GiB single-PUT limit
+    CHECKSUM_MISMATCH       the downloaded bytes do not match their size or SHA-256
+    DB_NOT_SQLITE           the object is not a SQLite database
+    DB_CORRUPT              SQLite's integrity check failed
+    DB_SCHEMA_UNKNOWN       a SQLite database that is not a metrics database
+    COLLECT_NOTHING         no metric command produced a value
+    REPORT_FAILED           the report could not be written (the database is safe)
+    RUN_TIMEOUT             the run's --timeout passed (retryable)
+    CANCELLED               the run was cancelled by SIGTERM/SIGINT (retryable)
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import html
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "main", "run", "load_config", "ActionParameters", "ActionResult", "BuildContext",
+    "Config", "DatabaseFile", "MetricConfig", "S3Configuration", "S3Credentials", "S3Storage",
+    "StorageConfiguration", "TrackMetricsError", "UploadResult", "WorkflowError",
+    "WorkflowPhase",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RETRYABLE = 0, 1, 2, 75
+
+CHUNK_SIZE = 1024 * 1024
+SINGLE_PUT_LIMIT = 5 * 1024**3
+DOWNLOAD_ATTEMPTS = 3
+SQLITE_HEADER = b"SQLite format 3\x00"
+CONTENT_TYPE = "application/vnd.sqlite3"
+DEFAULT_DATABASE_KEY = "unentropy.db"
+DEFAULT_REPORT_DIR = "unentropy-report"
+DEFAULT_COMMAND_TIMEOUT = 60.0
+UNITS = ("percent", "integer", "bytes", "duration", "decimal")
+PHASES = ("download", "validate", "collect", "upload", "report")
+
+
+# ============================================================================================
+# Errors
+# ============================================================================================
+
+class TrackMetricsError(Exception):
+    """A failure the user can act on. Only `main` turns it into a message and an exit code."""
+
+    def __init__(self, code: str, message: str, *, type: str = "storage",
+                 retryable: bool = False, details: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.type = type
+        self.retryable = retryable
+        self.details = dict(details or {})
+
+    @property
+    def exit_code(self) -> int:
+        if self.code.startswith(("CONFIG_", "PARAM_")):
+            return EXIT_USAGE
+        return EXIT_RETRYABLE if self.retryable else EXIT_FAILED
+
+
+class Cancelled(BaseException):
+    """Raised from a signal handler. A BaseException, so that no broad `except Exception`
+    (botocore's retry loop has some) can swallow a cancellation."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def config_error(problems: Sequence[tuple[str, str]], code: str = "CONFIG_INVALID") -> TrackMetricsError:
+    lines = [f"  {path}: {message}" if path else f"  {message}" for path, message in problems]
+    noun = "problem" if len(problems) == 1 else "problems"
+    return TrackMetricsError(
+        code, f"{len(problems)} configuration {noun}:\n" + "\n".join(lines), type="validation",
+        details={"problems": [{"path": p, "message": m} for p, m in problems]})
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """The one redaction function every text that leaves the process goes through."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class Console:
+    """Logs to stderr (stdout is kept for --json), redacted, with GitHub workflow commands."""
+
+    def __init__(self, stream=None, *, secrets: Sequence[str] = (), github: bool = False,
+                 verbose: bool = False):
+        self.stream = stream if stream is not None else sys.stderr
+        self.secrets = list(secrets)
+        self.github = github
+        self.verbose = verbose
+        self._lock = threading.Lock()
+
+    def add_secret(self, value: str) -> None:
+        if value and value not in self.secrets:
+            self.secrets.append(value)
+            if self.github:
+                self._write(f"::add-mask::{value}", raw=True)
+
+    def redact(self, text: str) -> str:
+        return redact(text, self.secrets)
+
+    def _write(self, line: str, raw: bool = False) -> None:
+        with self._lock:
+            self.stream.write((line if raw else self.redact(line)) + "\n")
+            self.stream.flush()
+
+    def info(self, message: str) -> None:
+        self._write(message)
+
+    def debug(self, message: str) -> None:
+        if self.verbose:
+            self._write(message)
+
+    def warning(self, message: str) -> None:
+        self._annotate("warning", message)
+
+    def error(self, message: str) -> None:
+        self._annotate("error", message)
+
+    def _annotate(self, level: str, message: str) -> None:
+        if self.github:
+            escaped = self.redact(message).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+            self._write(f"::{level}::{escaped}")
+        else:
+            self._write(f"{level}: {message}")
+
+    @contextlib.contextmanager
+    def group(self, title: str) -> Iterator[None]:
+        self._write(f"::group::{title}" if self.github else f"== {title}")
+        try:
+            yield
+        finally:
+            if self.github:
+                self._write("::endgroup::")
+
+
+# ============================================================================================
+# Configuration and parameters
+# ============================================================================================
+
+@dataclass(frozen=True)
+class S3Configuration:
+    endpoint: str | None = None
+    bucket: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class StorageConfiguration:
+    type: str = "s3"
+    s3: S3Configuration = field(default_factory=S3Configuration)
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    id: str
+    type: str
+    command: str
+    unit: str | None = None
+    name: str | None = None
+    description: str | None = None
+    timeout: float | None = None
+    direction: str = "neutral"
+
+
+@dataclass(frozen=True)
+class Config:
+    storage: StorageConfiguration | None = None
+    database_key: str | None = None
+    report_dir: str | None = None
+    metrics: tuple[MetricConfig, ...] = ()
+    warnings: tuple[str, ...] = ()
+    secrets_found: tuple[str, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+
+STORAGE_TYPES = ("s3", "sqlite-s3")
+SECRET_FIELDS = {"accesskeyid", "secretaccesskey", "sessiontoken", "access_key_id",
+                 "secret_access_key", "session_token", "access-key-id", "secret-access-key",
+                 "session-token"}
+METRIC_ID = re.compile(r"^[a-z0-9-]{1,64}$")
+REGION = re.compile(r"^[a-z0-9-]+$")
+KNOWN_KEYS = {
+    "": {"storage", "database", "report", "metrics", "$schema"},
+    "storage": {"type", "s3"},
+    "storage.s3": {"endpoint", "bucket", "region"},
+    "database": {"key"},
+    "report": {"dir"},
+    "metric": {"type", "command", "unit", "name", "description", "timeout", "direction"},
+}
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a configuration file (every problem is reported at once)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TrackMetricsError("CONFIG_NOT_FOUND", f"configuration file {path} does not exist; "
+                                "pass --config PATH or create unentropy.json", type="validation")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrackMetricsError("CONFIG_NOT_FOUND", f"cannot read configuration file {path}: {exc}",
+                                type="validation")
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, source: str = "unentropy.json") -> Config:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TrackMetricsError("CONFIG_INVALID_JSON", f"{source} is not valid JSON: {exc.msg} "
+                                f"at line {exc.lineno}, column {exc.colno}", type="validation")
+    problems: list[tuple[str, str]] = []
+    warnings: list[str] = []
+    secrets: list[str] = []
+    if not isinstance(data, dict):
+        raise config_error([("", f"the top level must be an object, got {type_name(data)}")])
+    _find_secrets(data, "", problems, secrets)
+    _warn_unknown(data, "", KNOWN_KEYS[""], warnings)
+    storage = _parse_storage(data, problems, warnings)
+    database_key = _parse_string_field(data, "database", "key", problems, warnings)
+    report_dir = _parse_string_field(data, "report", "dir", problems, warnings)
+    metrics = _parse_metrics(data.get("metrics"), problems, warnings)
+    if problems:
+        code = "CONFIG_SECRET_IN_FILE" if secrets else "CONFIG_INVALID"
+        error = config_error(problems, code)
+        error.details["secrets"] = secrets  # removed by main before anything is printed
+        raise error
+    return Config(storage, database_key, report_dir, tuple(metrics), tuple(warnings), tuple(secrets))
+
+
+def type_name(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def show(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _find_secrets(node: Any, path: str, problems: list, secrets: list) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            child = f"{path}.{key}" if path else key
+            if isinstance(key, str) and key.lower() in SECRET_FIELDS:
+                problems.append((child, "credentials must not be in the configuration file (a "
+                                 "committed secret is a leak); pass them as action inputs or the "
+                                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables"))
+                if isinstance(value, str) and value:
+                    secrets.append(value)
+            else:
+                _find_secrets(value, child, problems, secrets)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _find_secrets(value, f"{path}[{index}]", problems, secrets)
+
+
+def _warn_unknown(node: dict, path: str, known: set, warnings: list) -> None:
+    for key in node:
+        if key not in known and key.lower() not in SECRET_FIELDS:
+            where = f"{path}.{key}" if path else key
+            warnings.append(f"{where}: unknown key ignored (known keys: {', '.join(sorted(known))})")
+
+
+def _parse_storage(data: dict, problems: list, warnings: list) -> StorageConfiguration | None:
+    storage = data.get("storage")
+    if storage is None:
+        return None
+    if not isinstance(storage, dict):
+        problems.append(("storage", f"must be an object, got {type_name(storage)}"))
+        return None
+    _warn_unknown(storage, "storage", KNOWN_KEYS["storage"], warnings)
+    kind = storage.get("type", "s3")
+    if kind not in STORAGE_TYPES:
+        hint = (" (artifact storage is not supported: keep the database in an S3-compatible "
+                "bucket, or use --local-db PATH)" if kind == "sqlite-artifact" else "")
+        problems.append(("storage.type", f"got {show(kind)}; accepted: \"s3\" or \"sqlite-s3\"{hint}"))
+    s3 = storage.get("s3", {})
+    if not isinstance(s3, dict):
+        problems.append(("storage.s3", f"must be an object, got {type_name(s3)}"))
+        return StorageConfiguration()
+    _warn_unknown(s3, "storage.s3", KNOWN_KEYS["storage.s3"], warnings)
+    values = {}
+    for name in ("endpoint", "bucket", "region"):
+        value = s3.get(name)
+        if value is not None and (not isinstance(value, str) or not value):
+            problems.append((f"storage.s3.{name}", f"must be a non-empty string, got {show(value)}"))
+            value = None
+        values[name] = value
+    return StorageConfiguration("s3", S3Configuration(**values))
+
+
+def _parse_string_field(data: dict, block: str, name: str, problems: list, warnings: list) -> str | None:
+    section = data.get(block)
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        problems.append((block, f"must be an object, got {type_name(section)}"))
+        return None
+    _warn_unknown(section, block, KNOWN_KEYS[block], warnings)
+    value = section.get(name)
+    if value is not None and (not isinstance(value, str) or not value):
+        problems.append((f"{block}.{name}", f"must be a non-empty string, got {show(value)}"))
+        return None
+    return value
+
+
+def _parse_metrics(raw: Any, problems: list, warnings: list) -> list[MetricConfig]:
+    if raw is None:
+        problems.append(("metrics", "is required: an object of metric id → {\"type\", \"command\"}"))
+        return []
+    if isinstance(raw, list):  # the older array form: each entry names itself with "name"
+        entries = []
+        for index, entry in enumerate(raw):
+            if not isinstance(entry, dict):
+                problems.append((f"metrics[{index}]", f"must be an object, got {type_name(entry)}"))
+                continue
+            body = {k: v for k, v in entry.items() if k not in ("name", "id")}
+            entries.append((f"metrics[{index}]", entry.get("id", entry.get("name")), body))
+    elif isinstance(raw, dict):
+        entries = [(f"metrics.{key}", key, value) for key, value in raw.items()]
+    else:
+        problems.append(("metrics", f"must be an object keyed by metric id, got {type_name(raw)}"))
+        return []
+    if not entries:
+        problems.append(("metrics", "defines no metric; add at least one"))
+    metrics, seen = [], set()
+    for path, metric_id, body in entries:
+        metric = _parse_metric(path, metric_id, body, problems, warnings)
+        if metric and metric.id in seen:
+            problems.append((path, f"metric id {show(metric.id)} is defined twice"))
+        elif metric:
+            seen.add(metric.id)
+            metrics.append(metric)
+    return metrics
+
+
+def _parse_metric(path: str, metric_id: Any, body: Any, problems: list, warnings: list) -> MetricConfig | None:
+    before = len(problems)
+    if not isinstance(metric_id, str) or not METRIC_ID.match(metric_id):
+        problems.append((f"{path}" if path.startswith("metrics.") else f"{path}.name",
+                         f"metric id {show(metric_id)} is invalid; accepted: 1-64 characters of "
+                         "lowercase letters, digits and '-'"))
+    if not isinstance(body, dict):
+        problems.append((path, f"must be an object, got {type_name(body)}"))
+        return None
+    _warn_unknown(body, path, KNOWN_KEYS["metric"], warnings)
+    kind = body.get("type")
+    if kind not in ("numeric", "label"):
+        problems.append((f"{path}.type", f"got {show(kind)}; accepted: \"numeric\" or \"label\""))
+    command = body.get("command")
+    if not isinstance(command, str) or not command.strip() or len(command) > 1024:
+        problems.append((f"{path}.command", f"got {show(command)}; accepted: a non-empty shell "
+                         "command of at most 1024 characters"))
+    unit = body.get("unit")
+    if unit is not None and (not isinstance(unit, str) or not unit
+                             or (unit not in UNITS and len(unit) > 10)):
+        problems.append((f"{path}.unit", f"got {show(unit)}; accepted: {', '.join(UNITS)} "
+                         "or a free text of at most 10 characters"))
+    for name in ("name", "description"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > 256):
+            problems.append((f"{path}.{name}", f"got {show(value)}; accepted: a string of at most "
+                             "256 characters"))
+    timeout = body.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout <= 86400):
+        problems.append((f"{path}.timeout", f"got {show(timeout)}; accepted: seconds, a number "
+                         "greater than 0 and at most 86400"))
+    direction = body.get("direction", "neutral")
+    if direction not in ("up", "down", "neutral"):
+        problems.append((f"{path}.direction", f"got {show(direction)}; accepted: \"up\" (higher is "
+                         "better), \"down\" (lower is better) or \"neutral\""))
+    if len(problems) > before:
+        return None
+    return MetricConfig(metric_id, kind, command, unit, body.get("name"), body.get("description"),
+                        float(timeout) if timeout is not None else None, direction)
+
+
+def endpoint_problem(value: str, allow_http: bool) -> str | None:
+    """Why an endpoint URL is refused, or None when it is acceptable."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("https", "http") or not host:
+        return "must be an absolute https:// URL with a host"
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        return "must not contain user information (credentials go in the credential inputs)"
+    if parts.query or parts.fragment or "?" in value or "#" in value:
+        return "must not contain a query or fragment"
+    if parts.scheme == "http" and not (allow_http or is_loopback(host)):
+        return ("uses http://, accepted only for loopback hosts or with --allow-http "
+                "(input allow-http) for a private network")
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bucket_problem(name: str) -> str | None:
+    """Why a bucket name breaks the S3 general-purpose bucket naming rules, or None."""
+    if not 3 <= len(name) <= 63:
+        return "must be 3 to 63 characters long"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*[a-z0-9]", name):
+        return ("may contain only lowercase letters, digits, '.' and '-', and must start and "
+                "end with a letter or digit")
+    if ".." in name:
+        return "must not contain '..'"
+    if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", name):
+        return "must not be formatted as an IP address"
+    for prefix in ("xn--", "sthree-", "amzn-s3-demo-"):
+        if name.startswith(prefix):
+            return f"must not start with {prefix!r}"
+    for suffix in ("-s3alias", "--ol-s3", ".mrap", "--x-s3"):
+        if name.endswith(suffix):
+            return f"must not end with {suffix!r}"
+    return None
+
+
+def database_key_problem(key: str) -> str | None:
+    if not key:
+        return "must not be empty"
+    if len(key.encode("utf-8")) > 1024:
+        return "must be at most 1024 bytes of UTF-8"
+    if key.startswith("/"):
+        return "must not start with '/'"
+    if ".." in key.split("/"):
+        return "must not contain a '..' segment"
+    return None
+
+
+@dataclass(frozen=True)
+class ActionParameters:
+    """Everything one run needs, resolved from flags, action inputs, environment and file."""
+    s3: S3Configuration
+    credentials: S3Credentials | None
+    database_key: str = DEFAULT_DATABASE_KEY
+    local_db: Path | None = None
+    report_dir: Path = Path(DEFAULT_REPORT_DIR)
+    workdir: Path = Path(".")
+    addressing_style: str = "auto"
+    retry_attempts: int = 5
+    request_timeout: float = 30.0
+    timeout: float = 300.0
+    jobs: int = 1
+    max_conflict_retries: int = 10
+    conditional_writes: bool = True
+    on_corrupt: str = "fail"
+    backup: bool = True
+    integrity: str = "full"
+    commit: str | None = None
+    branch: str | None = None
+    run_id: str | None = None
+    run_number: int | None = None
+
+    @property
+    def location(self) -> str:
+        if self.local_db is not None:
+            return str(self.local_db)
+        return f"s3://{self.s3.bucket}/{self.database_key}"
+
+    @classmethod
+    def from_sources(cls, args: argparse.Namespace, environ: Mapping[str, str],
+                     config: Config, config_path: Path) -> "ActionParameters":
+        """Resolve every parameter (flag → action input → environment → file) and validate it."""
+        sources = _Sources(args, environ)
+        problems: list[tuple[str, str]] = []
+        missing: list[tuple[str, str]] = []
+        storage_type = sources.get("storage_type", "storage-type")
+        if storage_type and storage_type[0] not in STORAGE_TYPES:
+            problems.append(("storage-type", f"got {show(storage_type[0])}; accepted: \"s3\" or "
+                             "\"sqlite-s3\" (for artifact storage use --local-db PATH with your "
+                             "CI's artifact steps)"))
+        allow_http = sources.flag("allow_http", "allow-http")
+        local_db = Path(args.local_db) if getattr(args, "local_db", None) else None
+        file_s3 = config.storage.s3 if config.storage else S3Configuration()
+        endpoint = sources.get("endpoint", "s3-endpoint", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+                               file_s3.endpoint, "storage.s3.endpoint")
+        bucket = sources.get("bucket", "s3-bucket", (), file_s3.bucket, "storage.s3.bucket")
+        region = sources.get("region", "s3-region", ("AWS_REGION", "AWS_DEFAULT_REGION"),
+                             file_s3.region, "storage.s3.region")
+        key = sources.get("database_key", "database-key", (), config.database_key, "database.key")
+        credentials = None
+        if local_db is None:
+            if config.storage is None and not any((endpoint, bucket)):
+                raise TrackMetricsError(
+                    "CONFIG_STORAGE_MISSING",
+                    f"{config_path} has no \"storage\" block. Add one:\n"
+                    '  "storage": {"type": "s3", "s3": {"endpoint": "https://s3.eu-west-1.amazonaws.com",'
+                    ' "bucket": "my-metrics", "region": "eu-west-1"}}\n'
+                    "or run on a local file with --local-db PATH.", type="validation")
+            if endpoint and (why := endpoint_problem(endpoint[0], allow_http)):
+                problems.append((endpoint[1], f"{show(endpoint[0])} {why}"))
+            if bucket is None:
+                missing.append(("bucket", "--bucket, input s3-bucket or storage.s3.bucket in the file"))
+            elif why := bucket_problem(bucket[0]):
+                problems.append((bucket[1], f"{show(bucket[0])} {why}"))
+            if region and not REGION.match(region[0]):
+                problems.append((region[1], f"{show(region[0])} is invalid; accepted: lowercase "
+                                 "letters, digits and '-' (e.g. eu-west-1, or auto for R2)"))
+            credentials = _credentials(sources, missing)
+        if key and (why := database_key_problem(key[0])):
+            problems.append((key[1], f"{show(key[0])} {why}"))
+        numbers = {name: sources.number(name, input_name, default, low, high, problems, kind)
+                   for name, input_name, default, low, high, kind in NUMERIC_PARAMETERS}
+        style = sources.get("addressing_style", "addressing-style")
+        if style and style[0] not in ("auto", "path", "virtual"):
+            problems.append((style[1], f"got {show(style[0])}; accepted: auto, path, virtual"))
+        on_corrupt = sources.get("on_corrupt", "on-corrupt")
+        if on_corrupt and on_corrupt[0] not in ("fail", "restore", "recreate"):
+            problems.append((on_corrupt[1], f"got {show(on_corrupt[0])}; accepted: fail, restore, recreate"))
+        if missing:
+            raise TrackMetricsError(
+                "PARAM_MISSING", "missing required parameters:\n" + "\n".join(
+                    f"  {name}: give it with {how}" for name, how in missing), type="validation",
+                details={"missing": [name for name, _ in missing]})
+        if problems:
+            error = config_error(problems, "PARAM_INVALID")
+            error.message = error.message.replace("configuration problem", "parameter problem")
+            raise error
+        run_number = sources.get("run_number", None)
+        return cls(
+            s3=S3Configuration(endpoint[0] if endpoint else None, bucket[0] if bucket else None,
+                               region[0] if region else "us-east-1"),
+            credentials=credentials,
+            database_key=key[0] if key else DEFAULT_DATABASE_KEY,
+            local_db=local_db,
+            report_dir=Path(sources.value("report_dir", "report-dir", (), config.report_dir)
+                            or DEFAULT_REPORT_DIR),
+            workdir=Path(getattr(args, "workdir", None) or config_path.parent or "."),
+            addressing_style=style[0] if style else "auto",
+            conditional_writes=not getattr(args, "no_conditional_writes", False),
+            on_corrupt=on_corrupt[0] if on_corrupt else "fail",
+            backup=not getattr(args, "no_backup", False),
+            integrity=getattr(args, "integrity", None) or "full",
+            commit=getattr(args, "commit", None), branch=getattr(args, "branch", None),
+            run_id=getattr(args, "run_id", None),
+            run_number=int(run_number[0]) if run_number else None,
+            **numbers)
+
+
+# (name, action input, default, minimum, maximum, type)
+NUMERIC_PARAMETERS = (
+    ("retry_attempts", "retry-attempts", 5, 1, 20, int),
+    ("request_timeout", None, 30.0, 0.1, 3600, float),
+    ("timeout", "timeout", 300.0, 1, 86400, float),
+    ("jobs", "jobs", 1, 1, 64, int),
+    ("max_conflict_retries", None, 10, 0, 100, int),
+)
+
+
+class _Sources:
+    """Looks a parameter up in precedence order: CLI flag, action input, environment, file."""
+
+    def __init__(self, args: argparse.Namespace, environ: Mapping[str, str]):
+        self.args = args
+        self.environ = environ
+
+    def get(self, attr: str, input_name: str | None, env_names: Sequence[str] = (),
+            file_value: str | None = None, file_path: str = "") -> tuple[str, str] | None:
+        value = getattr(self.args, attr, None)
+        if value is not None and value != "":
+            return str(value), "--" + attr.replace("_", "-")
+        if input_name and self.environ.get(f"INPUT_{input_name.upper()}", "").strip():
+            return self.environ[f"INPUT_{input_name.upper()}"].strip(), f"input {input_name}"
+        for name in env_names:
+            if self.environ.get(name, "").strip():
+                return self.environ[name].strip(), name
+        if file_value is not None:
+            return file_value, file_path
+        return None
+
+    def value(self, *lookup) -> str | None:
+        found = self.get(*lookup)
+        return found[0] if found else None
+
+    def flag(self, attr: str, input_name: str) -> bool:
+        if getattr(self.args, attr, False):
+            return True
+        return self.environ.get(f"INPUT_{input_name.upper()}", "").strip().lower() == "true"
+
+    def number(self, attr, input_name, default, low, high, problems, kind):
+        found = self.get(attr, input_name)
+        if found is None:
+            return default
+        try:
+            value = kind(found[0])
+            if not low <= value <= high or (kind is float and not math.isfinite(value)):
+                raise ValueError
+            return value
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            problems.append((found[1], f"got {show(found[0])}; accepted: {what} from {low} to {high}"))
+            return default
+
+
+def _credentials(sources: _Sources, missing: list) -> S3Credentials | None:
+    key_id = sources.get("access_key_id", "s3-access-key-id", ("AWS_ACCESS_KEY_ID",))
+    secret = sources.get("secret_access_key", "s3-secret-access-key", ("AWS_SECRET_ACCESS_KEY",))
+    token = sources.get("session_token", "s3-session-token", ("AWS_SESSION_TOKEN",))
+    if key_id is None:
+        missing.append(("access key id", "input s3-access-key-id or the AWS_ACCESS_KEY_ID "
+                        "environment variable"))
+    if secret is None:
+        missing.append(("secret access key", "input s3-secret-access-key or the "
+                        "AWS_SECRET_ACCESS_KEY environment variable"))
+    if key_id is None or secret is None:
+        return None
+    return S3Credentials(key_id[0], secret[0], token[0] if token else None)
+
+
+SECRET_SOURCES = ("INPUT_S3-SECRET-ACCESS-KEY", "INPUT_S3-SESSION-TOKEN",
+                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+SECRET_FLAGS = ("--secret-access-key", "--session-token")
+
+
+def find_secrets(argv: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """Every secret value the process was given, found before anything else runs."""
+    found = [environ[name].strip() for name in SECRET_SOURCES if environ.get(name, "").strip()]
+    for index, arg in enumerate(argv):
+        for flag in SECRET_FLAGS:
+            if arg == flag and index + 1 < len(argv):
+                found.append(argv[index + 1])
+            elif arg.startswith(flag + "="):
+                found.append(arg.split("=", 1)[1])
+    return [value for value in found if value]
+
+
+# ============================================================================================
+# Storage (S3)
+# ============================================================================================
+
+@dataclass(frozen=True)
+class DatabaseFile:
+    key: str
+    size: int
+    last_modified: str | None
+    etag: str | None
+    version_id: str | None
+    sha256: str
+    location: str
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    key: str
+    etag: str | None
+    version_id: str | None
+    size: int
+    last_modified: str | None
+    sha256: str
+
+
+class Conflict(Exception):
+    """The object changed since it was downloaded (HTTP 412/409 on a conditional write)."""
+
+
+AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+              "TokenRefreshRequired", "AuthorizationHeaderMalformed", "InvalidSecurity"}
+UNAVAILABLE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "Throttling",
+                     "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed", "503", "500"}
+CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+PERMISSION_FOR = {"GetObject": "s3:GetObject", "HeadObject": "s3:GetObject",
+                  "PutObject": "s3:PutObject", "CopyObject": "s3:GetObject and s3:PutObject",
+                  "DeleteObject": "s3:DeleteObject", "HeadBucket": "s3:ListBucket",
+                  "ListObjectVersions": "s3:ListBucketVersions"}
+
+
+def error_code(exc: BaseException) -> tuple[str, int]:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def s3_error(exc: BaseException, action: str, target: str) -> TrackMetricsError:
+    """Classify a botocore exception into one of the S3_* codes, with what to check."""
+    from botocore.exceptions import ClientError
+    details = {"action": action, "target": target}
+    if not isinstance(exc, ClientError):
+        return TrackMetricsError(
+            "S3_NETWORK", f"{action} {target}: network error ({type(exc).__name__}: {exc}); check "
+            "the endpoint URL, DNS, TLS certificates and that the storage is reachable from this "
+            "machine", retryable=True, details=details)
+    code, status = error_code(exc)
+    details.update(s3_code=code, http_status=status)
+    if code in AUTH_CODES:
+        return TrackMetricsError(
+            "S3_AUTH_FAILED", f"{action} {target}: the storage rejected the credentials ({code}); "
+            "check the access key id and secret access key (and session token, if temporary), "
+            "and that they belong to this endpoint and region", details=details)
+    if code == "NoSuchBucket":
+        return TrackMetricsError(
+            "S3_BUCKET_NOT_FOUND", f"{action} {target}: the bucket does not exist (NoSuchBucket); "
+            "check the bucket name, region and endpoint, or create the bucket", details=details)
+    if code == "AccessDenied" or status == 403:
+        permission = PERMISSION_FOR.get(action, "the needed permission")
+        hint = (" (S3 also answers 403 instead of 404 for a missing object when s3:ListBucket is "
+                "not granted)" if action in ("GetObject", "HeadObject") else "")
+        return TrackMetricsError(
+            "S3_ACCESS_DENIED", f"{action} {target}: access denied ({code or status}); the "
+            f"credentials need {permission} on this key{hint}", details=details)
+    if code in UNAVAILABLE_CODES or status >= 500 or status == 429:
+        return TrackMetricsError(
+            "S3_UNAVAILABLE", f"{action} {target}: the storage is unavailable ({code or status}) "
+            "after retries; try again later", retryable=True, details=details)
+    return TrackMetricsError("S3_ERROR", f"{action} {target}: {code or status}: "
+                             f"{exc.response.get('Error', {}).get('Message', '')}", details=details)
+
+
+def is_aws_endpoint(endpoint: str | None) -> bool:
+    if not endpoint:
+        return True
+    from urllib.parse import urlsplit
+    host = urlsplit(endpoint).hostname or ""
+    return host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn")
+
+
+def file_digests(path: Path) -> tuple[str, str, int]:
+    """SHA-256 (hex), MD5 (base64, for Content-MD5) and size, in one pass over the file."""
+    sha256, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_SIZE):
+            sha256.update(chunk)
+            md5.update(chunk)
+            size += len(chunk)
+    return sha256.hexdigest(), base64.b64encode(md5.digest()).decode(), size
+
+
+def iso(value: Any) -> str | None:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return None if value is None else str(value)
+
+
+class S3Storage:
+    """The database object in an S3-compatible bucket, through one botocore client."""
+
+    def __init__(self, params: ActionParameters, console: Console, writer: str):
+        self.params = params
+        self.bucket = params.s3.bucket
+        self.key = params.database_key
+        self.location = params.location
+        self.console = console
+        self.writer = writer
+        self.client = self._make_client()
+
+    def _make_client(self):
+        from botocore.config import Config as BotoConfig
+        from botocore.session import Session
+        params = self.params
+        style = params.addressing_style
+        if style == "auto" and not is_aws_endpoint(params.s3.endpoint):
+            style = "path"
+        config = BotoConfig(
+            region_name=params.s3.region, signature_version="s3v4",
+            s3={"addressing_style": style},
+            retries={"mode": "standard", "max_attempts": params.retry_attempts},
+            connect_timeout=min(10.0, params.request_timeout), read_timeout=params.request_timeout,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            user_agent_extra=f"track_metrics/{__version__}")
+        credentials = params.credentials
+        return Session().create_client(
+            "s3", endpoint_url=params.s3.endpoint, config=config,
+            aws_access_key_id=credentials.access_key_id,
+            aws_secret_access_key=credentials.secret_access_key,
+            aws_session_token=credentials.session_token)
+
+    def _call(self, action: str, key: str, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+        method = getattr(self.client, re.sub(r"(?<!^)(?=[A-Z])", "_", action).lower())
+        try:
+            return method(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            code, status = error_code(exc)
+            if code in CONFLICT_CODES or status in (409, 412):
+                raise Conflict(code or str(status)) from exc
+            raise s3_error(exc, action, f"s3://{self.bucket}/{key}") from exc
+        except BotoCoreError as exc:
+            raise s3_error(exc, action, f"s3://{self.bucket}/{key}") from exc
+
+    def fetch(self, dest: Path) -> DatabaseFile | None:
+        """Download the database into `dest`; None only when the key does not exist (NoSuchKey)."""
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                return self._fetch_once(dest)
+            except TrackMetricsError as exc:
+                if exc.code not in ("CHECKSUM_MISMATCH", "S3_NETWORK") or attempt == DOWNLOAD_ATTEMPTS:
+                    raise
+                self.console.warning(f"download attempt {attempt} failed ({exc.message}); "
+                                     "downloading again")
+                time.sleep(0.2 * attempt)
+        raise AssertionError("unreachable")
+
+    def _fetch_once(self, dest: Path) -> DatabaseFile | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as exc:
+            if error_code(exc)[0] == "NoSuchKey":
+                return None
+            raise s3_error(exc, "GetObject", self.location) from exc
+        except BotoCoreError as exc:
+            raise s3_error(exc, "GetObject", self.location) from exc
+        body = response["Body"]
+        expected = int(response.get("ContentLength", -1))
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(dest, "wb") as handle:
+                while chunk := body.read(CHUNK_SIZE):
+                    handle.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+        except (BotoCoreError, OSError, ValueError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise  # a local disk problem, not the network's
+            raise TrackMetricsError("S3_NETWORK", f"reading the body of {self.location} failed "
+                                    f"after {size} bytes: {type(exc).__name__}", retryable=True)
+        finally:
+            body.close()
+        metadata = {k.lower(): v for k, v in (response.get("Metadata") or {}).items()}
+        sha256 = digest.hexdigest()
+        if expected >= 0 and size != expected:
+            raise TrackMetricsError("CHECKSUM_MISMATCH", f"{self.location}: received {size} bytes "
+                                    f"of {expected}", retryable=True)
+        if metadata.get("sha256") and metadata["sha256"] != sha256:
+            raise TrackMetricsError("CHECKSUM_MISMATCH", f"{self.location}: SHA-256 of the "
+                                    f"downloaded bytes is {sha256}, the object's metadata says "
+                                    f"{metadata['sha256']}", retryable=True)
+        return DatabaseFile(self.key, size, iso(response.get("LastModified")), response.get("ETag"),
+                            response.get("VersionId"), sha256, self.location, metadata)
+
+    def stat(self, key: str) -> dict | None:
+        """HEAD an object; None for 404. Only use after the bucket is known to exist."""
+        try:
+            return self._call("HeadObject", key, Key=key)
+        except TrackMetricsError as exc:
+            if exc.details.get("http_status") == 404:
+                return None
+            raise
+
+    def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str,
+              size: int, generation: int) -> UploadResult:
+        """One streaming PUT from the file, conditional on the object we started from."""
+        if size > SINGLE_PUT_LIMIT:
+            raise TrackMetricsError(
+                "DB_TOO_LARGE", f"the database is {size} bytes, over the 5 GiB single-PUT limit; "
+                "a multipart upload cannot carry a conditional write, so it is refused",
+                type="storage")
+        condition = {}
+        if self.params.conditional_writes:
+            condition = {"IfMatch": previous.etag} if previous else {"IfNoneMatch": "*"}
+        metadata = {"sha256": sha256, "tool-version": __version__, "writer": self.writer,
+                    "generation": str(generation)}
+        try:
+            with open(path, "rb") as body:
+                response = self._call("PutObject", self.key, Key=self.key, Body=body,
+                                      ContentLength=size, ContentMD5=md5, ContentType=CONTENT_TYPE,
+                                      Metadata=metadata, **condition)
+        except Conflict:
+            # A retried PUT can land and still answer 412: look before calling it a conflict.
+            head = self.stat(self.key)
+            if head and head.get("Metadata", {}).get("writer") == self.writer \
+                    and head["Metadata"].get("sha256") == sha256:
+                response = head
+            else:
+                raise
+        except TrackMetricsError as exc:
+            if exc.details.get("s3_code") == "NoSuchKey" and previous is not None:
+                raise Conflict("object deleted since download") from exc
+            raise
+        return self._verify(sha256, size, response)
+
+    def _verify(self, sha256: str, size: int, response: dict) -> UploadResult:
+        head = self.stat(self.key)
+        if head is None:
+            raise TrackMetricsError("S3_UPLOAD_UNVERIFIED", f"{self.location} is missing right "
+                                    "after the upload; the collected database is kept locally")
+        metadata = head.get("Metadata", {})
+        ours = metadata.get("writer") == self.writer and metadata.get("sha256") == sha256
+        if ours and int(head.get("ContentLength", -1)) != size:
+            raise TrackMetricsError("S3_UPLOAD_UNVERIFIED", f"{self.location} holds "
+                                    f"{head.get('ContentLength')} bytes after uploading {size}")
+        if not ours and self.params.conditional_writes:
+            # Another run wrote on top of ours, which it can only do by If-Match on our ETag.
+            self.console.info("upload: a concurrent run has already updated the object after ours")
+        elif not ours:
+            raise TrackMetricsError("S3_UPLOAD_UNVERIFIED", f"{self.location} does not hold this "
+                                    "run's upload (another writer replaced it; without conditional "
+                                    "writes its builds may have been lost)")
+        return UploadResult(self.key, response.get("ETag"), response.get("VersionId"), size,
+                            iso(head.get("LastModified")), sha256)
+
+    def backup(self, previous: DatabaseFile) -> None:
+        """Keep the downloaded version as `<key>.bak` by server-side copy."""
+        source = {"Bucket": self.bucket, "Key": self.key}
+        if previous.version_id:
+            source["VersionId"] = previous.version_id
+        condition = {"CopySourceIfMatch": previous.etag} if previous.etag else {}
+        self._call("CopyObject", self.key + ".bak", Key=self.key + ".bak", CopySource=source,
+                   MetadataDirective="COPY", **condition)
+
+
+class LocalStorage:
+    """A database file on this machine (--local-db): same pipeline, no network."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.key = path.name
+        self.location = str(path)
+
+    def fetch(self, dest: Path) -> DatabaseFile | None:
+        if not self.path.exists():
+            return None
+        shutil.copyfile(self.path, dest)
+        sha256, _, size = file_digests(dest)
+        modified = dt.datetime.fromtimestamp(self.path.stat().st_mtime, dt.timezone.utc)
+        return DatabaseFile(self.key, size, iso(modified), sha256, None, sha256, self.location)
+
+    def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str,
+              size: int, generation: int) -> UploadResult:
+        current = file_digests(self.path)[0] if self.path.exists() else None
+        if current != (previous.sha256 if previous else None):
+            raise Conflict("the local database changed during the run")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        shutil.copyfile(path, staging)
+        os.replace(staging, self.path)  # atomic: readers see the old file or the new one
+        return UploadResult(self.key, sha256, None, size, iso(dt.datetime.now(dt.timezone.utc)), sha256)
+
+    def backup(self, previous: DatabaseFile) -> None:
+        """Local files are the user's own; no backup copy is made."""
+
+
+# ============================================================================================
+# Database
+# ============================================================================================
+
+SCHEMA_VERSION = "2.0.0"
+# Unentropy's schema 2.0.0, statement for statement, so either tool can read the other's file.
+SCHEMA_DDL = (
+    """CREATE TABLE IF NOT EXISTS schema_version (
+      version TEXT PRIMARY KEY,
+      applied_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP,
+      description TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS metric_definitions (
+    id TEXT PRIMARY KEY CHECK(id GLOB '[a-z0-9-]*'),
+    type TEXT NOT NULL CHECK(type IN ('numeric', 'label')),
+    unit TEXT,
+    description TEXT
+  )""",
+    """CREATE TABLE IF NOT EXISTS build_contexts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    commit_sha TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    run_number INTEGER NOT NULL,
+    event_name TEXT,
+    timestamp DATETIME NOT NULL,
+    UNIQUE(commit_sha, run_id)
+  )""",
+    "CREATE INDEX IF NOT EXISTS idx_build_timestamp ON build_contexts(timestamp)",
+    "CREATE INDEX IF NOT EXISTS idx_build_branch ON build_contexts(branch)",
+    "CREATE INDEX IF NOT EXISTS idx_build_commit ON build_contexts(commit_sha)",
+    "CREATE INDEX IF NOT EXISTS idx_build_event_timestamp ON build_contexts(event_name, timestamp)",
+    """CREATE TABLE IF NOT EXISTS metric_values (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    metric_id TEXT NOT NULL,
+    build_id INTEGER NOT NULL,
+    value_numeric REAL,
+    value_label TEXT,
+    FOREIGN KEY (metric_id) REFERENCES metric_definitions(id),
+    FOREIGN KEY (build_id) REFERENCES build_contexts(id),
+    UNIQUE(metric_id, build_id),
+    CHECK(
+      (value_numeric IS NOT NULL AND value_label IS NULL) OR
+      (value_numeric IS NULL AND value_label IS NOT NULL)
+    )
+  )""",
+    "CREATE INDEX IF NOT EXISTS idx_metric_value_build ON metric_values(build_id)",
+    # This tool's own bookkeeping (the upload generation); Unentropy ignores the table.
+    "CREATE TABLE IF NOT EXISTS track_metrics_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+REQUIRED_COLUMNS = {
+    "schema_version": {"version"},
+    "metric_definitions": {"id", "type", "unit", "description"},
+    "build_contexts": {"id", "commit_sha", "branch", "run_id", "run_number", "event_name", "timestamp"},
+    "metric_values": {"id", "metric_id", "build_id", "value_numeric", "value_label"},
+}
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Open an untrusted database file: no schema-defined functions, no extensions."""
+    connection = sqlite3.connect(str(path), isolation_level=None)
+    connection.execute("PRAGMA trusted_schema=OFF")
+    connection.execute("PRAGMA cell_size_check=ON")
+    return connection
+
+
+def check_database(path: Path, integrity: str = "full") -> None:
+    """Header, SQLite integrity check and schema; raises DB_NOT_SQLITE/DB_CORRUPT/DB_SCHEMA_UNKNOWN."""
+    with open(path, "rb") as handle:
+        header = handle.read(16)
+    if header != SQLITE_HEADER:
+        raise TrackMetricsError("DB_NOT_SQLITE", "the database object is not a SQLite file (its "
+                                "first 16 bytes are not 'SQLite format 3'); the remote object was "
+                                "left untouched (see --on-corrupt)")
+    pragma = "quick_check" if integrity == "quick" else "integrity_check"
+    connection = open_database(path)
+    try:
+        rows = [row[0] for row in connection.execute(f"PRAGMA {pragma}(20)")]
+        if rows != ["ok"]:
+            raise TrackMetricsError("DB_CORRUPT", f"SQLite {pragma} failed: {'; '.join(rows[:3])[:300]}"
+                                    "; the remote object was left untouched (see --on-corrupt)")
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables.discard("sqlite_sequence")
+        if not tables:
+            return
+        for table, columns in REQUIRED_COLUMNS.items():
+            found = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+            if not columns <= found:
+                raise TrackMetricsError(
+                    "DB_SCHEMA_UNKNOWN", f"the database is SQLite but not a metrics database "
+                    f"(table {table} {'lacks ' + ', '.join(sorted(columns - found)) if found else 'is missing'}; "
+                    f"tables found: {', '.join(sorted(tables))[:200]})")
+        versions = [row[0] for row in connection.execute("SELECT version FROM schema_version")]
+        if any(str(v).split(".")[0].isdigit() and int(str(v).split(".")[0]) > 2 for v in versions):
+            raise TrackMetricsError("DB_SCHEMA_UNKNOWN", f"the database has schema version "
+                                    f"{max(versions)}, newer than this tool's {SCHEMA_VERSION}; "
+                                    "upgrade track_metrics")
+    except sqlite3.DatabaseError as exc:
+        raise TrackMetricsError("DB_CORRUPT", f"SQLite cannot read the database: {exc}; the remote "
+                                "object was left untouched (see --on-corrupt)") from exc
+    finally:
+        connection.close()
+
+
+def ensure_schema(connection: sqlite3.Connection) -> None:
+    connection.execute("BEGIN IMMEDIATE")
+    for statement in SCHEMA_DDL:
+        connection.execute(statement)
+    connection.execute("INSERT OR IGNORE INTO schema_version (version, description) VALUES (?, ?)",
+                       (SCHEMA_VERSION, "Clean schema with string metric IDs"))
+    connection.execute("COMMIT")
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    commit_sha: str
+    branch: str
+    run_id: str
+    run_number: int | None
+    event_name: str | None
+    timestamp: str
+    actor: str | None = None
+
+
+def record_build(connection: sqlite3.Connection, build: BuildContext,
+                 metrics: Sequence[MetricConfig], values: Mapping[str, Any]) -> tuple[int, list[str]]:
+    """Record one build's values, idempotent on (commit_sha, run_id): a re-run replaces them.
+
+    Returns the build id and a warning per value that could not be recorded."""
+    ensure_schema(connection)
+    warnings = []
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        stored = dict(connection.execute("SELECT id, type FROM metric_definitions"))
+        run_number = build.run_number
+        if run_number is None:
+            existing = connection.execute(
+                "SELECT run_number FROM build_contexts WHERE commit_sha = ? AND run_id = ?",
+                (build.commit_sha, build.run_id)).fetchone()
+            run_number = existing[0] if existing else connection.execute(
+                "SELECT COALESCE(MAX(run_number), 0) + 1 FROM build_contexts").fetchone()[0]
+        connection.execute(
+            "INSERT INTO build_contexts (commit_sha, branch, run_id, run_number, event_name, timestamp)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (commit_sha, run_id) DO UPDATE SET"
+            " branch = excluded.branch, run_number = excluded.run_number,"
+            " event_name = excluded.event_name, timestamp = excluded.timestamp",
+            (build.commit_sha, build.branch, build.run_id, run_number, build.event_name, build.timestamp))
+        build_id = connection.execute("SELECT id FROM build_contexts WHERE commit_sha = ? AND run_id = ?",
+                                      (build.commit_sha, build.run_id)).fetchone()[0]
+        for metric in metrics:
+            if metric.id not in values:
+                continue
+            if stored.get(metric.id, metric.type) != metric.type:
+                warnings.append(f"{metric.id}: not recorded: the database has it as a "
+                                f"{stored[metric.id]} metric, the configuration as {metric.type}; "
+                                "give the metric a new id to change its type")
+                continue
+            connection.execute("INSERT OR IGNORE INTO metric_definitions (id, type, unit, description)"
+                               " VALUES (?, ?, ?, ?)", (metric.id, metric.type, metric.unit,
+                                                        metric.description))
+            value = values[metric.id]
+            numeric, label = (value, None) if metric.type == "numeric" else (None, value)
+            connection.execute(
+                "INSERT INTO metric_values (metric_id, build_id, value_numeric, value_label)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (metric_id, build_id) DO UPDATE SET"
+                " value_numeric = excluded.value_numeric, value_label = excluded.value_label",
+                (metric.id, build_id, numeric, label))
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return build_id, warnings
+
+
+def bump_generation(connection: sqlite3.Connection) -> int:
+    """Count uploads inside the database, so two different states never look alike."""
+    connection.execute(
+        "INSERT INTO track_metrics_state (key, value) VALUES ('generation', '1') ON CONFLICT (key)"
+        " DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)")
+    return int(connection.execute(
+        "SELECT value FROM track_metrics_state WHERE key = 'generation'").fetchone()[0])
+
+
+def count_builds(path: Path) -> int:
+    connection = open_database(path)
+    try:
+        return connection.execute("SELECT COUNT(*) FROM build_contexts").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        connection.close()
+
+
+def prepare_upload(path: Path, integrity: str) -> tuple[str, str, int]:
+    """The file must be one consistent database (no -wal/-journal) that passes the checks."""
+    for suffix in ("-wal", "-journal", "-shm"):
+        if Path(str(path) + suffix).exists():
+            raise TrackMetricsError("DB_CORRUPT", f"the database has a leftover {suffix} file; "
+                                    "refusing to upload an inconsistent copy")
+    check_database(path, integrity)
+    return file_digests(path)
+
+
+# ============================================================================================
+# Collection
+# ============================================================================================
+
+NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
+def parse_value(output: str, kind: str) -> Any:
+    """The value of a metric: the last non-empty line of its stdout, trimmed."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError("the command printed nothing on stdout")
+    text = lines[-1]
+    if kind == "label":
+        if len(text) > 256:
+            raise ValueError(f"a label is at most 256 characters, got {len(text)}")
+        return text
+    if not NUMBER.match(text) or not math.isfinite(float(text)):
+        raise ValueError(f"expected a finite number such as 42, -3.5 or 1e3; got {text[:60]!r}")
+    return float(text)
+
+
+@dataclass
+class MetricOutcome:
+    id: str
+    value: Any = None
+    error: str | None = None
+    warning: str | None = None
+    duration_ms: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class CommandRunner:
+    """Runs metric commands in their own process groups, so a timeout or a cancellation kills
+    everything a command started, and nothing outlives the run."""
+
+    def __init__(self, workdir: Path, environ: Mapping[str, str], secrets: Sequence[str]):
+        self.workdir = workdir
+        self.environ = environ
+        self.secrets = secrets
+        self.live: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+
+    def run(self, metric: MetricConfig, build: BuildContext, timeout: float) -> MetricOutcome:
+        started = time.monotonic()
+        env = command_environment(self.environ, self.secrets)
+        env.update(UNENTROPY_COMMIT_SHA=build.commit_sha, UNENTROPY_BRANCH=build.branch,
+                   UNENTROPY_RUN_ID=build.run_id, UNENTROPY_RUN_NUMBER=str(build.run_number or ""),
+                   UNENTROPY_ACTOR=build.actor or "", UNENTROPY_METRIC_KEY=metric.id,
+                   UNENTROPY_METRIC_TYPE=metric.type)
+        try:
+            process = subprocess.Popen(["/bin/sh", "-c", metric.command], cwd=self.workdir, env=env,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as exc:
+            return MetricOutcome(metric.id, error=f"cannot start the command: {exc}")
+        with self.lock:
+            self.live.add(process)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(process)
+            return MetricOutcome(metric.id, error=f"timed out after {timeout:g} s (the command and "
+                                 "everything it started were killed)",
+                                 duration_ms=elapsed_ms(started))
+        finally:
+            with self.lock:
+                self.live.discard(process)
+        return self._outcome(metric, process.returncode, stdout, stderr, started)
+
+    def _outcome(self, metric, returncode, stdout: bytes, stderr: bytes, started) -> MetricOutcome:
+        err_tail = stderr.decode("utf-8", "replace").strip()[-500:]
+        outcome = MetricOutcome(metric.id, duration_ms=elapsed_ms(started))
+        try:
+            outcome.value = parse_value(stdout.decode("utf-8", "replace"), metric.type)
+            if metric.type == "label":
+                outcome.value = redact(outcome.value, self.secrets)
+        except ValueError as exc:
+            status = f"exited with {returncode}; " if returncode else ""
+            outcome.error = f"{status}{exc}" + (f"; stderr: {err_tail}" if err_tail else "")
+            return outcome
+        if returncode:
+            outcome.warning = (f"exited with {returncode} but printed a valid value; recorded "
+                               "it" + (f" (stderr: {err_tail})" if err_tail else ""))
+        return outcome
+
+    def kill_all(self) -> None:
+        with self.lock:
+            for process in list(self.live):
+                kill_group(process)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.communicate(timeout=5)
+
+
+def command_environment(environ: Mapping[str, str], secrets: Sequence[str]) -> dict[str, str]:
+    """The run's environment without S3 credentials (or anything holding a secret value)."""
+    dropped = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "INPUT_S3-ACCESS-KEY-ID", "INPUT_S3-SECRET-ACCESS-KEY", "INPUT_S3-SESSION-TOKEN"}
+    return {name: value for name, value in environ.items()
+            if name not in dropped and not any(secret and secret in value for secret in secrets)}
+
+
+def elapsed_ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def collect_metrics(metrics: Sequence[MetricConfig], runner: CommandRunner, build: BuildContext,
+                    jobs: int, deadline: float) -> list[MetricOutcome]:
+    """Run every metric command (up to `jobs` at once); results come back in config order."""
+    def one(metric: MetricConfig) -> MetricOutcome:
+        remaining = deadline - time.monotonic()
+        timeout = min(metric.timeout or DEFAULT_COMMAND_TIMEOUT, max(remaining, 0.1))
+        return runner.run(metric, build, timeout)
+
+    if jobs <= 1:
+        return [one(metric) for metric in metrics]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        try:
+            return list(pool.map(one, metrics))
+        except BaseException:
+            runner.kill_all()
+            raise
+
+
+def git(args: Sequence[str], cwd: Path) -> str | None:
+    try:
+        result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10,
+                                stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def detect_build(environ: Mapping[str, str], params: ActionParameters, now: dt.datetime,
+                 git_lookup: Callable[[Sequence[str]], str | None]) -> BuildContext:
+    """The build's context from GitHub Actions, GitLab CI, or git; flags override each field."""
+    commit = branch = run_id = event = actor = None
+    run_number: str | None = None
+    if environ.get("GITHUB_ACTIONS") == "true":
+        commit = github_head_sha(environ) or environ.get("GITHUB_SHA")
+        ref = environ.get("GITHUB_REF", "")
+        branch = (environ.get("GITHUB_HEAD_REF") or environ.get("GITHUB_REF_NAME")
+                  or re.sub(r"^refs/(heads|tags)/", "", ref) or None)
+        run_id, run_number = environ.get("GITHUB_RUN_ID"), environ.get("GITHUB_RUN_NUMBER")
+        event, actor = environ.get("GITHUB_EVENT_NAME"), environ.get("GITHUB_ACTOR")
+    elif environ.get("GITLAB_CI") == "true":
+        commit = environ.get("CI_COMMIT_SHA")
+        branch = (environ.get("CI_MERGE_REQUEST_SOURCE_BRANCH_NAME")
+                  or environ.get("CI_COMMIT_REF_NAME"))
+        run_id, run_number = environ.get("CI_PIPELINE_ID"), environ.get("CI_PIPELINE_IID")
+        event, actor = environ.get("CI_PIPELINE_SOURCE"), environ.get("GITLAB_USER_LOGIN")
+    commit = params.commit or commit or git_lookup(["rev-parse", "HEAD"]) or "unknown"
+    branch = params.branch or branch or git_lookup(["rev-parse", "--abbrev-ref", "HEAD"]) or "unknown"
+    timestamp = now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + \
+        f"{now.microsecond // 1000:03d}Z"
+    run_id = params.run_id or run_id or "local-" + now.strftime("%Y%m%dT%H%M%S%fZ")
+    number = params.run_number if params.run_number is not None else (
+        int(run_number) if run_number and run_number.isdigit() else None)
+    return BuildContext(commit, branch, run_id, number, event or ("local" if not run_number else None),
+                        timestamp, actor or environ.get("USER"))
+
+
+def github_head_sha(environ: Mapping[str, str]) -> str | None:
+    """On pull_request events GITHUB_SHA is a merge commit; the PR's head commit is in the event."""
+    if not environ.get("GITHUB_EVENT_NAME", "").startswith("pull_request"):
+        return None
+    try:
+        with open(environ.get("GITHUB_EVENT_PATH", ""), encoding="utf-8") as handle:
+            return json.load(handle)["pull_request"]["head"]["sha"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ============================================================================================
+# Report
+# ============================================================================================
+
+@dataclass
+class History:
+    """What the report draws: metrics, builds in time order, and each metric's values."""
+    metrics: list[dict]
+    builds: list[tuple]  # (id, commit_sha, branch, run_id, run_number, event_name, timestamp)
+    values: dict[str, list[tuple[int, Any]]]  # metric id → [(index into builds, value)]
+
+
+def load_history(path: Path) -> History:
+    connection = open_database(path)
+    try:
+        metrics = [dict(zip(("id", "type", "unit", "description"), row)) for row in connection.execute(
+            "SELECT id, type, unit, description FROM metric_definitions ORDER BY rowid")]
+        builds = connection.execute(
+            "SELECT id, commit_sha, branch, run_id, run_number, event_name, timestamp"
+            " FROM build_contexts ORDER BY timestamp, id").fetchall()
+        position = {build[0]: index for index, build in enumerate(builds)}
+        values: dict[str, list[tuple[int, Any]]] = {metric["id"]: [] for metric in metrics}
+        for metric_id, build_id, numeric, label in connection.execute(
+                "SELECT metric_id, build_id, value_numeric, value_label FROM metric_values"):
+            if metric_id in values and build_id in position:
+                values[metric_id].append((position[build_id], numeric if label is None else label))
+        for series in values.values():
+            series.sort(key=lambda item: item[0])
+        return History(metrics, builds, values)
+    except sqlite3.OperationalError:
+        return History([], [], {})
+    finally:
+        connection.close()
+
+
+def format_number(value: float, decimals: int = 2) -> str:
+    if float(value).is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"
+    return f"{value:,.{decimals}f}".rstrip("0").rstrip(".")
+
+
+def format_value(value: Any, unit: str | None) -> str:
+    """A value as people read it: 85.3%, 12,345, 1.2 MB, 1m 30s."""
+    if isinstance(value, str):
+        return value
+    if unit == "percent":
+        return format_number(value, 2) + "%"
+    if unit == "integer":
+        return f"{round(value):,}"
+    if unit == "bytes":
+        size, scale = abs(value), ("B", "KB", "MB", "GB", "TB")
+        index = 0
+        while size >= 1024 and index < len(scale) - 1:
+            size, index = size / 1024, index + 1
+        sign = "-" if value < 0 else ""
+        return f"{sign}{int(size)} B" if index == 0 else f"{sign}{size:.1f} {scale[index]}"
+    if unit == "duration":
+        return format_duration(value)
+    if unit in (None, "", "decimal"):
+        return format_number(value, 3 if unit == "decimal" else 2)
+    return f"{format_number(value)} {unit}"
+
+
+def format_duration(seconds: float) -> str:
+    sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
+    if seconds < 1:
+        return f"{sign}{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{sign}{format_number(seconds, 1)}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{sign}{hours}h {minutes}m"
+    return f"{sign}{minutes}m {secs}s" if secs else f"{sign}{minutes}m"
+
+
+def format_change(latest: float, previous: float | None, unit: str | None) -> tuple[str, float]:
+    """'+1.2 MB (+3.4%)' and the signed difference."""
+    if previous is None:
+        return "first value", 0.0
+    delta = latest - previous
+    sign = "+" if delta > 0 else ("−" if delta < 0 else "±")
+    text = sign + format_value(abs(delta), unit).lstrip("-")
+    if previous:
+        text += f" ({sign}{abs(delta) / abs(previous) * 100:.1f}%)"
+    return text, delta
+
+
+def parse_time(text: str) -> float:
+    try:
+        moment = dt.datetime.fromisoformat(str(text).replace("Z", "+00:00").replace(" ", "T"))
+    except ValueError:
+        return 0.0
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment.timestamp()
+
+
+def downsample(points: Sequence[tuple], limit: int = 1000) -> list[tuple]:
+    """At most `limit` points for drawing: the min and max of each bucket, so spikes survive."""
+    if len(points) <= limit:
+        return list(points)
+    buckets = limit // 2
+    kept = []
+    for bucket in range(buckets):
+        chunk = points[bucket * len(points) // buckets:(bucket + 1) * len(points) // buckets]
+        if not chunk:
+            continue
+        low = min(chunk, key=lambda point: point[1])
+        high = max(chunk, key=lambda point: point[1])
+        kept.extend(sorted({low, high}, key=lambda point: point[0]))
+    return kept
+
+
+def nice_ticks(low: float, high: float, count: int = 4) -> list[float]:
+    if low == high:
+        low, high = low - (abs(low) * 0.1 or 1), high + (abs(high) * 0.1 or 1)
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    start = math.floor(low / step) * step
+    ticks = []
+    value = start
+    while value <= high + step * 0.5 and len(ticks) < 12:
+        ticks.append(round(value, 10))
+        value += step
+    return ticks
+
+
+def svg_chart(points: Sequence[tuple[float, float, int]], unit: str | None, metric_id: str) -> str:
+    """An inline SVG line chart of (time, value, build index) points with axes and gridlines."""
+    width, height, left, right, top, bottom = 720, 220, 72, 16, 12, 28
+    drawn = downsample(points)
+    times = [p[0] for p in drawn]
+    ticks = nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
+    y_low, y_high = ticks[0], ticks[-1]
+    t_low, t_high = min(times), max(times)
+    if t_high == t_low:
+        t_low, t_high = t_low - 3600, t_high + 3600
+
+    def x(t: float) -> float:
+        return left + (t - t_low) / (t_high - t_low) * (width - left - right)
+
+    def y(v: float) -> float:
+        return top + (1 - (v - y_low) / ((y_high - y_low) or 1)) * (height - top - bottom)
+
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{html.escape(metric_id)} over time" data-points="{len(drawn)}">']
+    for tick in ticks:
+        parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" '
+                     f'y2="{y(tick):.1f}"/><text class="tick" x="{left - 6}" y="{y(tick) + 4:.1f}" '
+                     f'text-anchor="end">{html.escape(format_value(tick, unit))}</text>')
+    for index in range(4):
+        moment = t_low + (t_high - t_low) * index / 3
+        label = dt.datetime.fromtimestamp(moment, dt.timezone.utc).strftime("%Y-%m-%d")
+        anchor = ("start", "middle", "middle", "end")[index]
+        parts.append(f'<text class="tick" x="{x(moment):.1f}" y="{height - 8}" '
+                     f'text-anchor="{anchor}">{label}</text>')
+    line = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v, _ in drawn)
+    parts.append(f'<polyline class="line" points="{line}"/>')
+    last_t, last_v, _ = points[-1]
+    parts.append(f'<circle class="latest" cx="{x(last_t):.1f}" cy="{y(last_v):.1f}" r="4"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+REPORT_CSS = """
+:root{--bg:#f7f7f8;--card:#fff;--text:#1d1d1f;--muted:#6b6b76;--line:#2563eb;--grid:#e4e4e9;
+--good:#15803d;--bad:#b91c1c;--border:#e4e4e9}
+@media (prefers-color-scheme:dark){:root{--bg:#111114;--card:#1c1c21;--text:#ececf1;--muted:#a0a0ad;
+--line:#60a5fa;--grid:#2e2e36;--good:#4ade80;--bad:#f87171;--border:#2e2e36}}
+*{box-sizing:border-box}body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;
+background:var(--bg);color:var(--text)}main{max-width:1200px;margin:0 auto;padding:16px}
+h1{font-size:1.4rem;margin:.2rem 0}h2{font-size:1.05rem;margin:0}.muted{color:var(--muted)}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,520px),1fr));gap:16px;margin:16px 0}
+.card{background:var(--card);border:1px solid var(--border);border-radius:10px;padding:14px;min-width:0}
+.latest-value{font-size:1.6rem;font-weight:650;margin:.3rem 0}.stats{display:flex;flex-wrap:wrap;gap:4px 16px;
+font-size:.85rem;color:var(--muted)}.better{color:var(--good)}.worse{color:var(--bad)}
+.chart{width:100%;height:auto;display:block;margin-top:8px}.chart .grid{stroke:var(--grid);stroke-width:1}
+.chart .tick{fill:var(--muted);font-size:11px}.chart .line{fill:none;stroke:var(--line);stroke-width:2;
+stroke-linejoin:round}.chart .latest{fill:var(--line)}.table-wrap{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:.85rem}th,td{text-align:left;padding:6px 8px;
+border-bottom:1px solid var(--border);white-space:nowrap}code{font-family:ui-monospace,monospace}
+ol.timeline{margin:.4rem 0 0;padding-left:1.2rem;font-size:.85rem}
+@media print{body{background:#fff}.card{break-inside:avoid}}
+"""
+
+
+def render_report(history: History, configured: Sequence[MetricConfig], generated: dt.datetime,
+                  title: str) -> str:
+    """The whole report as one HTML document: no scripts, fonts or styles from anywhere else."""
+    esc = html.escape
+    by_id = {metric.id: metric for metric in configured}
+    builds = history.builds
+    span = ""
+    if builds:
+        span = f"{esc(str(builds[0][6])[:10])} – {esc(str(builds[-1][6])[:10])}"
+    cards, labels = [], []
+    for definition in history.metrics:
+        metric = by_id.get(definition["id"])
+        series = history.values.get(definition["id"], [])
+        if not series:
+            continue
+        if definition["type"] == "numeric":
+            cards.append(_numeric_card(definition, metric, series, builds))
+        else:
+            labels.append(_label_card(definition, metric, series, builds))
+    return (
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+        "style-src 'unsafe-inline'; img-src data:\">"
+        f"<title>{esc(title)} · metrics</title><style>{REPORT_CSS}</style></head><body><main>"
+        f"<header><h1>{esc(title)}</h1><p class=\"muted\">{len(builds)} builds"
+        f"{' · ' + span if span else ''} · generated {generated.strftime('%Y-%m-%d %H:%M UTC')}"
+        f" by track_metrics {__version__}</p></header>"
+        f"<section class=\"cards\">{''.join(cards + labels) or '<p>No values recorded yet.</p>'}</section>"
+        f"{_builds_table(history, by_id)}</main></body></html>\n")
+
+
+def _card_head(definition: dict, metric: MetricConfig | None) -> str:
+    name = (metric.name if metric and metric.name else None) or definition["id"]
+    description = (metric.description if metric and metric.description else None) or definition["description"]
+    text = f"<h2>{html.escape(name)}</h2>"
+    if description:
+        text += f"<div class=\"muted\">{html.escape(description)}</div>"
+    return text
+
+
+def _numeric_card(definition, metric, series, builds) -> str:
+    unit = (metric.unit if metric and metric.unit else None) or definition["unit"]
+    numbers = [value for _, value in series]
+    latest = numbers[-1]
+    previous = numbers[-2] if len(numbers) > 1 else None
+    change, delta = format_change(latest, previous, unit)
+    direction = metric.direction if metric else "neutral"
+    mood = ""
+    if delta and direction != "neutral":
+        mood = "better" if (delta > 0) == (direction == "up") else "worse"
+    points = [(parse_time(builds[index][6]), value, index) for index, value in series]
+    return (f"<article class=\"card metric\" id=\"metric-{html.escape(definition['id'])}\">"
+            f"{_card_head(definition, metric)}"
+            f"<div class=\"latest-value\">{html.escape(format_value(latest, unit))}</div>"
+            f"<div class=\"stats\"><span class=\"{mood}\">{html.escape(change)}</span>"
+            f"<span>min {html.escape(format_value(min(numbers), unit))}</span>"
+            f"<span>max {html.escape(format_value(max(numbers), unit))}</span>"
+            f"<span>{len(numbers):,} points</span></div>"
+            f"{svg_chart(points, unit, definition['id'])}</article>")
+
+
+def _label_card(definition, metric, series, builds) -> str:
+    changes = []
+    for index, value in series:
+        if not changes or changes[-1][1] != value:
+            changes.append((index, value))
+    items = "".join(
+        f"<li><code>{html.escape(str(value))}</code> <span class=\"muted\">since "
+        f"{html.escape(str(builds[index][6])[:16].replace('T', ' '))} · "
+        f"{html.escape(str(builds[index][1])[:7])}</span></li>" for index, value in changes[-10:][::-1])
+    return (f"<article class=\"card label\" id=\"metric-{html.escape(definition['id'])}\">"
+            f"{_card_head(definition, metric)}"
+            f"<div class=\"latest-value\">{html.escape(str(series[-1][1]))}</div>"
+            f"<div class=\"stats\"><span>{len(changes)} changes in {len(series):,} builds</span></div>"
+            f"<ol class=\"timeline\">{items}</ol></article>")
+
+
+def _builds_table(history: History, by_id: Mapping[str, MetricConfig], limit: int = 20) -> str:
+    if not history.builds:
+        return ""
+    recent = list(range(len(history.builds)))[-limit:][::-1]
+    wanted = set(recent)
+    cells: dict[tuple[str, int], Any] = {}
+    for metric_id, series in history.values.items():
+        for index, value in series:
+            if index in wanted:
+                cells[(metric_id, index)] = value
+    metric_ids = [m["id"] for m in history.metrics if history.values.get(m["id"])]
+    units = {m["id"]: (by_id[m["id"]].unit if m["id"] in by_id and by_id[m["id"]].unit else m["unit"])
+             for m in history.metrics}
+    head = "".join(f"<th>{html.escape(metric_id)}</th>" for metric_id in metric_ids)
+    rows = []
+    for index in recent:
+        _, commit, branch, _, run_number, _, timestamp = history.builds[index]
+        values = "".join(
+            f"<td>{html.escape(format_value(cells[(m, index)], units[m])) if (m, index) in cells else '–'}</td>"
+            for m in metric_ids)
+        rows.append(f"<tr><td><code>{html.escape(str(commit)[:7])}</code></td><td>{html.escape(str(branch))}"
+                    f"</td><td>#{html.escape(str(run_number))}</td><td>"
+                    f"{html.escape(str(timestamp)[:16].replace('T', ' '))}</td>{values}</tr>")
+    return (f"<section class=\"card\"><h2>Recent builds</h2><div class=\"table-wrap\"><table>"
+            f"<thead><tr><th>commit</th><th>branch</th><th>run</th><th>time (UTC)</th>{head}</tr>"
+            f"</thead><tbody>{''.join(rows)}</tbody></table></div></section>")
+
+
+def write_report(database: Path, report_dir: Path, configured: Sequence[MetricConfig],
+                 title: str, secrets: Sequence[str]) -> Path:
+    document = render_report(load_history(database), configured, dt.datetime.now(dt.timezone.utc), title)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    target = report_dir / "index.html"
+    staging = report_dir / ".index.html.tmp"
+    staging.write_text(redact(document, secrets), encoding="utf-8")
+    os.replace(staging, target)
+    return target
+
+
+def summary_markdown(history: History, configured: Sequence[MetricConfig]) -> str:
+    """The job summary: metric, latest, previous, change."""
+    by_id = {metric.id: metric for metric in configured}
+    rows = ["### Metrics", "", "| Metric | Latest | Previous | Change |", "|---|---|---|---|"]
+    for definition in history.metrics:
+        series = history.values.get(definition["id"], [])
+        if not series:
+            continue
+        metric = by_id.get(definition["id"])
+        unit = (metric.unit if metric and metric.unit else None) or definition["unit"]
+        name = (metric.name if metric and metric.name else None) or definition["id"]
+        latest = series[-1][1]
+        previous = series[-2][1] if len(series) > 1 else None
+        if definition["type"] == "numeric":
+            change = format_change(latest, previous, unit)[0] if previous is not None else "–"
+        else:
+            change = "changed" if previous is not None and previous != latest else "–"
+        cells = [name, format_value(latest, unit),
+                 format_value(previous, unit) if previous is not None else "–", change]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+# ============================================================================================
+# Workflow
+# ============================================================================================
+
+@dataclass
+class WorkflowError:
+    type: str
+    code: str
+    message: str
+    retryable: bool
+    details: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_exception(cls, exc: TrackMetricsError | Cancelled) -> "WorkflowError":
+        if isinstance(exc, Cancelled):
+            return cls("storage", exc.code, exc.message, True, {})
+        return cls(exc.type, exc.code, exc.message, exc.retryable, exc.details)
+
+    @property
+    def exit_code(self) -> int:
+        return TrackMetricsError(self.code, "", retryable=self.retryable).exit_code
+
+
+@dataclass
+class WorkflowPhase:
+    name: str
+    status: str = "pending"  # pending → running → completed | failed | skipped
+    start_time: str | None = None
+    end_time: str | None = None
+    duration_ms: int | None = None
+    error: WorkflowError | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class ActionResult:
+    success: bool = False
+    phases: list[WorkflowPhase] = field(default_factory=lambda: [WorkflowPhase(name) for name in PHASES])
+    report_path: str | None = None
+    database_location: str | None = None
+    database: DatabaseFile | None = None
+    metrics_collected: list[str] = field(default_factory=list)
+    metrics_failed: dict[str, str] = field(default_factory=dict)
+    total_builds: int = 0
+    duration_ms: int = 0
+    error: WorkflowError | None = None
+
+    def phase(self, name: str) -> WorkflowPhase:
+        return next(phase for phase in self.phases if phase.name == name)
+
+    def to_json(self, secrets: Sequence[str]) -> str:
+        return redact(json.dumps(dataclasses.asdict(self), indent=2, default=str), secrets)
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class TrackingRun:
+    """One run: download → validate → collect → upload → report, each phase timed and logged."""
+
+    def __init__(self, params: ActionParameters, config: Config, console: Console,
+                 environ: Mapping[str, str]):
+        self.params = params
+        self.config = config
+        self.console = console
+        self.environ = environ
+        self.result = ActionResult(database_location=params.location)
+        self.writer = uuid.uuid4().hex
+        self.workspace = Path(tempfile.mkdtemp(prefix="track_metrics-"))
+        self.keep_workspace = False
+        self.storage: S3Storage | LocalStorage | None = None
+        self.expected: DatabaseFile | None = None  # the object the next upload must replace
+        self.base: Path | None = None  # the database this run's values are added to
+        self.build: BuildContext | None = None
+        self.values: dict[str, Any] = {}
+        self.working = self.workspace / "working.db"
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[WorkflowPhase]:
+        phase = self.result.phase(name)
+        phase.status, phase.start_time = "running", iso(now_utc())
+        started = time.monotonic()
+        with self.console.group(name):
+            try:
+                yield phase
+            except (TrackMetricsError, Cancelled) as exc:
+                phase.status, phase.error = "failed", WorkflowError.from_exception(exc)
+                self.console.error(f"{name} failed [{exc.code}]: {exc.message}")
+                raise
+            except BaseException:
+                phase.status = "failed"
+                raise
+            else:
+                phase.status = "completed"
+            finally:
+                phase.end_time, phase.duration_ms = iso(now_utc()), elapsed_ms(started)
+                self.console.info(f"{name}: {phase.status} in {phase.duration_ms} ms")
+
+    def execute(self, command: str = "run") -> ActionResult:
+        started = time.monotonic()
+        try:
+            self.download()
+            self.validate()
+            if command == "run":
+                self.collect()
+                self.upload()
+            else:
+                self.working = self.base
+            self.report()
+            self.result.success = self.result.error is None
+        except (TrackMetricsError, Cancelled) as exc:
+            self.result.error = WorkflowError.from_exception(exc)
+        finally:
+            for phase in self.result.phases:
+                if phase.status == "pending":
+                    phase.status = "skipped"
+            self.result.duration_ms = elapsed_ms(started)
+            self.cleanup()
+        return self.result
+
+    def download(self) -> None:
+        with self.phase("download") as phase:
+            if self.params.local_db is not None:
+                self.storage = LocalStorage(self.params.local_db)
+            else:
+                self.storage = S3Storage(self.params, self.console, self.writer)
+            target = self.workspace / "downloaded.db"
+            self.expected = self.storage.fetch(target)
+            if self.expected is None:
+                phase.metadata["first_run"] = True
+                self.console.info(f"download: {self.storage.location} does not exist yet; "
+                                  "starting a new database")
+            else:
+                self.base = target
+                phase.metadata.update(size=self.expected.size, sha256=self.expected.sha256,
+                                      etag=self.expected.etag)
+                self.console.info(f"download: {self.storage.location}: {self.expected.size:,} bytes, "
+                                  f"sha256 {self.expected.sha256[:12]}…")
+
+    def validate(self) -> None:
+        with self.phase("validate") as phase:
+            if self.base is None:
+                self.base = self.workspace / "new.db"
+                ensure_schema_file(self.base)
+            else:
+                check_database(self.base, self.params.integrity)
+            phase.metadata["builds"] = count_builds(self.base)
+            self.result.total_builds = phase.metadata["builds"]
+
+    def collect(self) -> None:
+        with self.phase("collect") as phase:
+            self.build = detect_build(self.environ, self.params, now_utc(),
+                                      lambda args: git(args, self.params.workdir))
+            self.console.info(f"collect: commit {self.build.commit_sha[:12]} on {self.build.branch}, "
+                              f"run {self.build.run_id}")
+            runner = CommandRunner(self.params.workdir, self.environ, self.console.secrets)
+            deadline = time.monotonic() + self.params.timeout
+            try:
+                outcomes = collect_metrics(self.config.metrics, runner, self.build, self.params.jobs,
+                                           deadline)
+            except BaseException:
+                runner.kill_all()
+                raise
+            for outcome in outcomes:
+                if outcome.ok:
+                    self.values[outcome.id] = outcome.value
+                    self.result.metrics_collected.append(outcome.id)
+                    self.console.info(f"  {outcome.id} = {outcome.value!s} ({outcome.duration_ms} ms)")
+                    if outcome.warning:
+                        self.console.warning(f"metric {outcome.id}: {outcome.warning}")
+                else:
+                    self.result.metrics_failed[outcome.id] = self.console.redact(outcome.error)
+                    self.console.warning(f"metric {outcome.id} skipped: {outcome.error}")
+            phase.metadata.update(collected=len(self.values), failed=self.result.metrics_failed)
+            if not self.values:
+                raise TrackMetricsError("COLLECT_NOTHING", "no metric command produced a value; "
+                                        "nothing was uploaded (see the warnings above)",
+                                        type="collection")
+
+    def upload(self) -> None:
+        with self.phase("upload") as phase:
+            for attempt in range(self.params.max_conflict_retries + 1):
+                sha256, md5, size = self.apply_build()
+                try:
+                    if self.params.backup and self.expected is not None:
+                        self.storage.backup(self.expected)
+                    uploaded = self.storage.store(self.working, self.expected, sha256, md5, size,
+                                                  self.generation)
+                    break
+                except Conflict:
+                    if attempt == self.params.max_conflict_retries:
+                        raise TrackMetricsError(
+                            "S3_CONFLICT", f"{self.storage.location} kept changing under this run "
+                            f"({attempt + 1} attempts); concurrent runs are writing the same key. "
+                            "Re-run the job", retryable=True)
+                    delay = min(8.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.5)
+                    self.console.info(f"upload: another run updated the database; merging this "
+                                      f"build into the newer version (retry in {delay:.2f} s)")
+                    time.sleep(delay)
+                    self.refetch()
+            phase.metadata.update(attempts=attempt + 1, size=size, sha256=sha256, etag=uploaded.etag)
+            self.result.database = DatabaseFile(self.storage.key, size, uploaded.last_modified,
+                                                uploaded.etag, uploaded.version_id, sha256,
+                                                self.storage.location)
+            self.result.total_builds = count_builds(self.working)
+            self.console.info(f"upload: {self.storage.location}: {size:,} bytes, "
+                              f"{self.result.total_builds} builds")
+
+    def apply_build(self) -> tuple[str, str, int]:
+        """Add this run's build to a fresh copy of the base database; ready it for upload."""
+        shutil.copyfile(self.base, self.working)
+        self.keep_workspace = True  # from here on the collected data exists only locally
+        connection = open_database(self.working)
+        try:
+            connection.execute("PRAGMA journal_mode=DELETE")
+            _, warnings = record_build(connection, self.build, self.config.metrics, self.values)
+            self.generation = bump_generation(connection)
+        finally:
+            connection.close()
+        for warning in warnings:
+            self.console.warning(warning)
+        return prepare_upload(self.working, self.params.integrity)
+
+    def refetch(self) -> None:
+        target = self.workspace / "downloaded.db"
+        self.expected = self.storage.fetch(target)
+        if self.expected is None:
+            self.base = self.workspace / "new.db"
+            ensure_schema_file(self.base)
+        else:
+            check_database(target, self.params.integrity)
+            self.base = target
+
+    def report(self) -> None:
+        with self.phase("report") as phase:
+            try:
+                path = write_report(self.working, self.params.report_dir, self.config.metrics,
+                                    self.environ.get("GITHUB_REPOSITORY") or self.params.database_key,
+                                    self.console.secrets)
+                summary_path = self.environ.get("GITHUB_STEP_SUMMARY")
+                if summary_path:
+                    with open(summary_path, "a", encoding="utf-8") as handle:
+                        handle.write(self.console.redact(
+                            summary_markdown(load_history(self.working), self.config.metrics)))
+            except (OSError, sqlite3.Error, ValueError) as exc:
+                raise TrackMetricsError("REPORT_FAILED", f"the report could not be written "
+                                        f"({type(exc).__name__}: {exc}); the database is safe",
+                                        type="report") from exc
+            self.result.report_path = str(path)
+            phase.metadata["path"] = str(path)
+            self.keep_workspace = False
+
+    def cleanup(self) -> None:
+        uploaded = self.result.phase("upload").status == "completed"
+        if self.keep_workspace and not uploaded and self.working.exists():
+            self.console.error(f"the collected database was not uploaded; it is kept at "
+                               f"{self.working} so its data can be recovered")
+            return
+        shutil.rmtree(self.workspace, ignore_errors=True)
+
+
+def ensure_schema_file(path: Path) -> None:
+    connection = open_database(path)
+    try:
+        connection.execute("PRAGMA journal_mode=DELETE")
+        ensure_schema(connection)
+    finally:
+        connection.close()
+
+
+@contextlib.contextmanager
+def cancellation(timeout: float) -> Iterator[None]:
+    """SIGTERM/SIGINT and the run's deadline raise Cancelled wherever the run is; the
+    remote object is then unchanged or fully replaced (a single PUT is atomic)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def cancel(signum, _frame):
+        if signum == signal.SIGALRM:
+            raise Cancelled("RUN_TIMEOUT", f"the run passed its --timeout of {timeout:g} s and "
+                            "was stopped")
+        raise Cancelled("CANCELLED", f"the run was cancelled ({signal.Signals(signum).name})")
+
+    previous = {sig: signal.signal(sig, cancel) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)}
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run(params: ActionParameters, config: Config, console: Console | None = None,
+        environ: Mapping[str, str] | None = None, command: str = "run") -> ActionResult:
+    """One tracking run (command="run") or a report regeneration (command="report")."""
+    console = console or Console()
+    environ = os.environ if environ is None else environ
+    tracking = TrackingRun(params, config, console, environ)
+    try:
+        with cancellation(params.timeout):
+            return tracking.execute(command)
+    except Cancelled as exc:  # landed between phases, outside execute's own handling
+        tracking.result.error = WorkflowError.from_exception(exc)
+        return tracking.result
+
+
+# ============================================================================================
+# Command line
+# ============================================================================================
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="track_metrics.py",
+        description="Track a codebase's metrics across CI runs in a SQLite database on S3.",
+        epilog="Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN. "
+               "Exit codes: 0 ok, 1 failed, 2 bad configuration, 75 retryable.")
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "report"),
+                        help="run (default): collect and upload; report: regenerate the report")
+    parser.add_argument("--version", action="version", version=f"track_metrics {__version__}")
+    add = parser.add_argument
+    add("--config", help="configuration file (default: unentropy.json, input config-file)")
+    add("--local-db", metavar="PATH", help="use a local SQLite file instead of S3")
+    add("--endpoint", help="S3 endpoint URL (default: AWS for the region)")
+    add("--bucket")
+    add("--region", help="default: us-east-1")
+    add("--database-key", metavar="KEY", help=f"object key (default: {DEFAULT_DATABASE_KEY})")
+    add("--report-dir", metavar="DIR", help=f"default: {DEFAULT_REPORT_DIR}")
+    add("--access-key-id", help="prefer the AWS_ACCESS_KEY_ID environment variable")
+    add("--secret-access-key", help="prefer AWS_SECRET_ACCESS_KEY: command lines are visible")
+    add("--session-token", help="prefer AWS_SESSION_TOKEN")
+    add("--storage-type", help="s3 (or its alias sqlite-s3)")
+    add("--addressing-style", help="auto (default), path or virtual")
+    add("--allow-http", action="store_true", help="accept an http:// endpoint on a private network")
+    add("--no-conditional-writes", action="store_true",
+        help="plain PUT for providers without If-Match (concurrent runs can lose builds)")
+    add("--max-conflict-retries", metavar="N", help="default: 10")
+    add("--on-corrupt", help="fail (default), restore or recreate")
+    add("--no-backup", action="store_true", help="do not keep <key>.bak before overwriting")
+    add("--integrity", choices=("full", "quick"), help="SQLite integrity_check or quick_check")
+    add("--workdir", help="where metric commands run (default: the config file's directory)")
+    add("--jobs", metavar="N", help="metric commands run at once (default: 1)")
+    add("--timeout", metavar="SECONDS", help="deadline for the whole run (default: 300)")
+    add("--request-timeout", metavar="SECONDS", help="per-request S3 timeout (default: 30)")
+    add("--retry-attempts", metavar="N", help="attempts per S3 request (default: 5)")
+    add("--commit")
+    add("--branch")
+    add("--run-id")
+    add("--run-number", type=int)
+    add("--json", action="store_true", help="print the result as JSON on stdout (logs go to stderr)")
+    add("--verbose", action="store_true")
+    return parser
+
+
+def write_github_outputs(path: str, result: ActionResult, secrets: Sequence[str]) -> None:
+    database = result.database
+    outputs = {
+        "success": str(result.success).lower(), "storage-type": "s3",
+        "database-location": result.database_location or "",
+        "database-size": str(database.size) if database else "",
+        "database-sha256": database.sha256 if database else "",
+        "metrics-collected": str(len(result.metrics_collected)),
+        "total-builds": str(result.total_builds), "duration": str(result.duration_ms),
+        "report-path": result.report_path or "",
+        "error-code": result.error.code if result.error else "",
+        "error-message": result.error.message if result.error else "",
+    }
+    with open(path, "a", encoding="utf-8") as handle:
+        for name, value in outputs.items():
+            delimiter = f"EOF_{uuid.uuid4().hex}"  # multi-line safe, and no value can forge it
+            handle.write(f"{name}<<{delimiter}\n{redact(value, secrets)}\n{delimiter}\n")
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = dict(os.environ if environ is None else environ)
+    console = Console(github=environ.get("GITHUB_ACTIONS") == "true")
+    for secret in find_secrets(argv, environ):  # ::add-mask:: before anything else is printed
+        console.add_secret(secret)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse has explained
+        return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_USAGE
+    console.verbose = args.verbose or environ.get("INPUT_VERBOSE", "").lower() == "true"
+    result = ActionResult()
+    try:
+        config_path = Path(args.config or environ.get("INPUT_CONFIG-FILE", "").strip() or "unentropy.json")
+        config = load_config(config_path)
+        for warning in config.warnings:
+            console.warning(warning)
+        params = ActionParameters.from_sources(args, environ, config, config_path)
+    except TrackMetricsError as exc:
+        for secret in exc.details.pop("secrets", []):
+            console.add_secret(secret)
+        result.error = WorkflowError.from_exception(exc)
+        for phase in result.phases:
+            phase.status = "skipped"
+        console.error(f"[{exc.code}] {exc.message}")
+    else:
+        result = run(params, config, console, environ, command=args.command)
+        if result.success:
+            console.info(f"done: {len(result.metrics_collected)} metrics recorded, "
+                         f"{result.total_builds} builds in {result.database_location}; "
+                         f"report: {result.report_path}")
+        elif result.error:
+            console.error(f"[{result.error.code}] {result.error.message}")
+    if environ.get("GITHUB_OUTPUT"):
+        write_github_outputs(environ["GITHUB_OUTPUT"], result, console.secrets)
+    if args.json:
+        sys.stdout.write(result.to_json(console.secrets) + "\n")
+    return EXIT_OK if result.success else (result.error.exit_code if result.error else EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
