@@ -1,0 +1,153 @@
+"""Pure parts: value parsing, formatting, validation, downsampling, build context."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TOOL
+
+sys.path.insert(0, str(TOOL.parent))
+import track_metrics as tm  # noqa: E402
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("42", 42.0), ("-3.5", -3.5), ("1e3", 1000.0), ("  7  \n", 7.0), ("noise\n\n12\n\n", 12.0), (".5", 0.5),
+])
+def test_numeric_values(text, expected):
+    assert tm.parse_value(text, "numeric") == expected
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e999", "12 apples", "", "0x10", "1_000"])
+def test_rejected_numeric_values(text):
+    with pytest.raises(ValueError):
+        tm.parse_value(text, "numeric")
+
+
+def test_label_values():
+    assert tm.parse_value("a\n  passing \n", "label") == "passing"
+    with pytest.raises(ValueError):
+        tm.parse_value("x" * 257, "label")
+
+
+@pytest.mark.parametrize("value, unit, expected", [
+    (87.456, "percent", "87.46%"), (1234567, "integer", "1,234,567"), (512, "bytes", "512 B"),
+    (1536, "bytes", "1.5 KB"), (5 * 1024**3, "bytes", "5.0 GB"), (90, "duration", "1m 30s"),
+    (0.25, "duration", "250ms"), (7260, "duration", "2h 1m"), (3.14159, "decimal", "3.142"),
+    (12, "req/s", "12 req/s"), (1000.5, None, "1,000.5"),
+])
+def test_format_value(value, unit, expected):
+    assert tm.format_value(value, unit) == expected
+
+
+def test_format_change():
+    assert tm.format_change(110, 100, "integer")[0] == "+10 (+10.0%)"
+    assert tm.format_change(90, 100, "percent")[0] == "−10% (−10.0%)"
+    assert tm.format_change(5, None, None)[0] == "first value"
+
+
+def test_downsample_keeps_spikes_and_bounds_size():
+    points = [(float(i), 1.0, i) for i in range(10_000)]
+    points[4321] = (4321.0, 999.0, 4321)
+    points[777] = (777.0, -50.0, 777)
+    drawn = tm.downsample(points, 1000)
+    assert len(drawn) <= 1000
+    assert (4321.0, 999.0, 4321) in drawn and (777.0, -50.0, 777) in drawn
+    assert [p[0] for p in drawn] == sorted(p[0] for p in drawn)
+    assert tm.downsample(points[:10], 1000) == points[:10]
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("my-metrics", True), ("a.b.c", True), ("ab", False), ("a" * 64, False), ("Ab-c", False),
+    ("a..b", False), ("10.0.0.1", False), ("xn--abc", False), ("sthree-x", False),
+    ("amzn-s3-demo-x", False), ("abc-s3alias", False), ("abc--ol-s3", False), ("abc.mrap", False),
+    ("abc--x-s3", False), ("abc-", False),
+])
+def test_bucket_rules(name, ok):
+    assert (tm.bucket_problem(name) is None) is ok
+
+
+@pytest.mark.parametrize("url, allow_http, ok", [
+    ("https://s3.amazonaws.com", False, True), ("http://localhost:9000", False, True),
+    ("http://127.0.0.5:9000", False, True), ("http://[::1]:9000", False, True),
+    ("http://minio.lan:9000", False, False), ("http://minio.lan:9000", True, True),
+    ("https://u:p@host", False, False), ("https://host#x", False, False), ("https://", False, False),
+    ("https://host:notaport", False, False),
+])
+def test_endpoint_rules(url, allow_http, ok):
+    assert (tm.endpoint_problem(url, allow_http) is None) is ok
+
+
+def test_redaction_replaces_every_secret():
+    assert tm.redact("key=abc, again abc, tok=xyz", ["abc", "xyz", ""]) == "key=***, again ***, tok=***"
+
+
+def params(**overrides):
+    return tm.ActionParameters(s3=tm.S3Configuration(), credentials=None, **overrides)
+
+
+NOW = dt.datetime(2026, 11, 28, 6, 53, 14, 368000, tzinfo=dt.timezone.utc)
+
+
+def test_build_context_from_github_push():
+    env = {"GITHUB_ACTIONS": "true", "GITHUB_SHA": "a" * 40, "GITHUB_REF": "refs/heads/main",
+           "GITHUB_REF_NAME": "main", "GITHUB_RUN_ID": "1001", "GITHUB_RUN_NUMBER": "7",
+           "GITHUB_EVENT_NAME": "push", "GITHUB_HEAD_REF": ""}
+    build = tm.detect_build(env, params(), NOW, lambda args: None)
+    assert (build.commit_sha, build.branch, build.run_id, build.run_number, build.event_name) == \
+        ("a" * 40, "main", "1001", 7, "push")
+    assert build.timestamp == "2026-11-28T06:53:14.368Z"
+
+
+def test_build_context_from_github_pull_request_uses_head_branch_and_commit(tmp_path):
+    event = tmp_path / "event.json"
+    event.write_text(json.dumps({"pull_request": {"head": {"sha": "b" * 40}}}))
+    env = {"GITHUB_ACTIONS": "true", "GITHUB_SHA": "m" * 40, "GITHUB_REF": "refs/pull/5/merge",
+           "GITHUB_REF_NAME": "5/merge", "GITHUB_HEAD_REF": "feature/login", "GITHUB_RUN_ID": "2",
+           "GITHUB_RUN_NUMBER": "3", "GITHUB_EVENT_NAME": "pull_request", "GITHUB_EVENT_PATH": str(event)}
+    build = tm.detect_build(env, params(), NOW, lambda args: None)
+    assert (build.commit_sha, build.branch, build.event_name) == ("b" * 40, "feature/login", "pull_request")
+
+
+def test_build_context_from_gitlab():
+    env = {"GITLAB_CI": "true", "CI_COMMIT_SHA": "c" * 40, "CI_COMMIT_REF_NAME": "develop",
+           "CI_PIPELINE_ID": "555", "CI_PIPELINE_IID": "12", "CI_PIPELINE_SOURCE": "push"}
+    build = tm.detect_build(env, params(), NOW, lambda args: None)
+    assert (build.commit_sha, build.branch, build.run_id, build.run_number, build.event_name) == \
+        ("c" * 40, "develop", "555", 12, "push")
+
+
+def test_build_context_from_git_and_flags():
+    answers = {("rev-parse", "HEAD"): "d" * 40, ("rev-parse", "--abbrev-ref", "HEAD"): "work"}
+    build = tm.detect_build({}, params(), NOW, lambda args: answers.get(tuple(args)))
+    assert (build.commit_sha, build.branch) == ("d" * 40, "work")
+    assert build.run_id.startswith("local-") and build.run_number is None
+    build = tm.detect_build({}, params(commit="e" * 40, branch="b", run_id="r", run_number=4), NOW,
+                            lambda args: answers.get(tuple(args)))
+    assert (build.commit_sha, build.branch, build.run_id, build.run_number) == ("e" * 40, "b", "r", 4)
+
+
+def test_importing_the_module_does_not_import_botocore():
+    code = "import sys, track_metrics; print('botocore' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=TOOL.parent, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_file_alone_runs_help_and_version(tmp_path):
+    shutil.copy(TOOL, tmp_path / "track_metrics.py")
+    for flag in ("--help", "--version"):
+        out = subprocess.run([sys.executable, "-I", "track_metrics.py", flag], cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"track_metrics {tm.__version__}"
+
+
+def test_main_returns_exit_codes_without_exiting(tmp_path, capsys):
+    (tmp_path / "unentropy.json").write_text('{"metrics": {"a": {"type": "numeric", "command": "echo 1"}}}')
+    code = tm.main(["--config", str(tmp_path / "unentropy.json"), "--json"], environ={})
+    assert code == 2
+    assert json.loads(capsys.readouterr().out)["error"]["code"] == "CONFIG_STORAGE_MISSING"
