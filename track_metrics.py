@@ -801,6 +801,14 @@ def s3_error(exc: BaseException, action: str, target: str) -> TrackMetricsError:
                              f"{exc.response.get('Error', {}).get('Message', '')}", details=details)
 
 
+def check_upload_size(size: int) -> None:
+    if size > SINGLE_PUT_LIMIT:
+        raise TrackMetricsError(
+            "DB_TOO_LARGE", f"the database is {size:,} bytes, over the 5 GiB single-PUT limit; a "
+            "multipart upload is not atomic everywhere and cannot carry a conditional write, so "
+            "it is refused", type="storage")
+
+
 def is_aws_endpoint(endpoint: str | None) -> bool:
     if not endpoint:
         return True
@@ -873,11 +881,13 @@ class S3Storage:
         except BotoCoreError as exc:
             raise s3_error(exc, action, f"s3://{self.bucket}/{key}") from exc
 
-    def fetch(self, dest: Path) -> DatabaseFile | None:
-        """Download the database into `dest`; None only when the key does not exist (NoSuchKey)."""
+    def fetch(self, dest: Path, key: str | None = None, version_id: str | None = None) -> DatabaseFile | None:
+        """Download an object into `dest`; None only when the key does not exist (NoSuchKey).
+
+        botocore retries requests, never an error while reading a body: that is done here."""
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
-                return self._fetch_once(dest)
+                return self._fetch_once(dest, key or self.key, version_id)
             except TrackMetricsError as exc:
                 if exc.code not in ("CHECKSUM_MISMATCH", "S3_NETWORK") or attempt == DOWNLOAD_ATTEMPTS:
                     raise
@@ -886,16 +896,18 @@ class S3Storage:
                 time.sleep(0.2 * attempt)
         raise AssertionError("unreachable")
 
-    def _fetch_once(self, dest: Path) -> DatabaseFile | None:
+    def _fetch_once(self, dest: Path, key: str, version_id: str | None) -> DatabaseFile | None:
         from botocore.exceptions import BotoCoreError, ClientError
+        location = f"s3://{self.bucket}/{key}"
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            response = self.client.get_object(Bucket=self.bucket, Key=key,
+                                              **({"VersionId": version_id} if version_id else {}))
         except ClientError as exc:
             if error_code(exc)[0] == "NoSuchKey":
                 return None
-            raise s3_error(exc, "GetObject", self.location) from exc
+            raise s3_error(exc, "GetObject", location) from exc
         except BotoCoreError as exc:
-            raise s3_error(exc, "GetObject", self.location) from exc
+            raise s3_error(exc, "GetObject", location) from exc
         body = response["Body"]
         expected = int(response.get("ContentLength", -1))
         digest, size = hashlib.sha256(), 0
@@ -908,21 +920,21 @@ class S3Storage:
         except (BotoCoreError, OSError, ValueError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise  # a local disk problem, not the network's
-            raise TrackMetricsError("S3_NETWORK", f"reading the body of {self.location} failed "
+            raise TrackMetricsError("S3_NETWORK", f"reading the body of {location} failed "
                                     f"after {size} bytes: {type(exc).__name__}", retryable=True)
         finally:
             body.close()
         metadata = {k.lower(): v for k, v in (response.get("Metadata") or {}).items()}
         sha256 = digest.hexdigest()
         if expected >= 0 and size != expected:
-            raise TrackMetricsError("CHECKSUM_MISMATCH", f"{self.location}: received {size} bytes "
+            raise TrackMetricsError("CHECKSUM_MISMATCH", f"{location}: received {size} bytes "
                                     f"of {expected}", retryable=True)
         if metadata.get("sha256") and metadata["sha256"] != sha256:
-            raise TrackMetricsError("CHECKSUM_MISMATCH", f"{self.location}: SHA-256 of the "
+            raise TrackMetricsError("CHECKSUM_MISMATCH", f"{location}: SHA-256 of the "
                                     f"downloaded bytes is {sha256}, the object's metadata says "
                                     f"{metadata['sha256']}", retryable=True)
-        return DatabaseFile(self.key, size, iso(response.get("LastModified")), response.get("ETag"),
-                            response.get("VersionId"), sha256, self.location, metadata)
+        return DatabaseFile(key, size, iso(response.get("LastModified")), response.get("ETag"),
+                            response.get("VersionId"), sha256, location, metadata)
 
     def stat(self, key: str) -> dict | None:
         """HEAD an object; None for 404. Only use after the bucket is known to exist."""
@@ -936,16 +948,14 @@ class S3Storage:
     def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str,
               size: int, generation: int) -> UploadResult:
         """One streaming PUT from the file, conditional on the object we started from."""
-        if size > SINGLE_PUT_LIMIT:
-            raise TrackMetricsError(
-                "DB_TOO_LARGE", f"the database is {size} bytes, over the 5 GiB single-PUT limit; "
-                "a multipart upload cannot carry a conditional write, so it is refused",
-                type="storage")
+        check_upload_size(size)
         condition = {}
         if self.params.conditional_writes:
             condition = {"IfMatch": previous.etag} if previous else {"IfNoneMatch": "*"}
         metadata = {"sha256": sha256, "tool-version": __version__, "writer": self.writer,
                     "generation": str(generation)}
+        if self.params.conditional_writes:
+            metadata["conditional-writes"] = self.verdict
         try:
             with open(path, "rb") as body:
                 response = self._call("PutObject", self.key, Key=self.key, Body=body,
@@ -985,14 +995,48 @@ class S3Storage:
         return UploadResult(self.key, response.get("ETag"), response.get("VersionId"), size,
                             iso(head.get("LastModified")), sha256)
 
-    def backup(self, previous: DatabaseFile) -> None:
-        """Keep the downloaded version as `<key>.bak` by server-side copy."""
+    def copy(self, previous: DatabaseFile, target: str) -> None:
+        """Server-side copy of exactly the version that was downloaded (412 if it changed)."""
         source = {"Bucket": self.bucket, "Key": self.key}
         if previous.version_id:
             source["VersionId"] = previous.version_id
         condition = {"CopySourceIfMatch": previous.etag} if previous.etag else {}
-        self._call("CopyObject", self.key + ".bak", Key=self.key + ".bak", CopySource=source,
-                   MetadataDirective="COPY", **condition)
+        self._call("CopyObject", target, Key=target, CopySource=source, MetadataDirective="COPY",
+                   **condition)
+
+    def backup(self, previous: DatabaseFile) -> None:
+        """Keep the version about to be replaced as `<key>.bak`."""
+        self.copy(previous, self.key + ".bak")
+
+    @property
+    def verdict(self) -> str:
+        from urllib.parse import urlsplit
+        return "honoured " + (urlsplit(self.params.s3.endpoint or "").hostname or "aws")
+
+    def probe_conditional_writes(self) -> list[str]:
+        """Which deliberately wrong preconditions the provider accepted (none is the only good
+        answer), tried on a probe object beside the database key, which is removed again."""
+        key = f"{self.key}.probe-{self.writer[:12]}"
+        self._call("PutObject", key, Key=key, Body=b"probe")
+        accepted = []
+        try:
+            for label, condition in (("If-None-Match: * on an existing object", {"IfNoneMatch": "*"}),
+                                     ("a wrong If-Match", {"IfMatch": '"0123456789abcdef"'})):
+                try:
+                    self._call("PutObject", key, Key=key, Body=b"overwritten", **condition)
+                    accepted.append(label)
+                except Conflict:
+                    pass
+        finally:
+            self._call("DeleteObject", key, Key=key)
+        return accepted
+
+    def older_versions(self) -> list[str]:
+        """Version ids of the database key, newest first, without the current one."""
+        response = self._call("ListObjectVersions", self.key, Prefix=self.key)
+        versions = [v for v in response.get("Versions", []) if v["Key"] == self.key and not v["IsLatest"]]
+        versions.sort(key=lambda v: v["LastModified"], reverse=True)
+        return [v["VersionId"] for v in versions if v.get("VersionId") not in (None, "null")]
 
 
 class LocalStorage:
@@ -1024,6 +1068,8 @@ class LocalStorage:
 
     def backup(self, previous: DatabaseFile) -> None:
         """Local files are the user's own; no backup copy is made."""
+
+    verdict = "local"
 
 
 # ============================================================================================
@@ -1815,6 +1861,9 @@ class TrackingRun:
         self.build: BuildContext | None = None
         self.values: dict[str, Any] = {}
         self.working = self.workspace / "working.db"
+        self.command = "run"
+        self.backup_allowed = False
+        self.generation = 0
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[WorkflowPhase]:
@@ -1839,6 +1888,7 @@ class TrackingRun:
 
     def execute(self, command: str = "run") -> ActionResult:
         started = time.monotonic()
+        self.command = command
         try:
             self.download()
             self.validate()
@@ -1865,28 +1915,93 @@ class TrackingRun:
                 self.storage = LocalStorage(self.params.local_db)
             else:
                 self.storage = S3Storage(self.params, self.console, self.writer)
-            target = self.workspace / "downloaded.db"
-            self.expected = self.storage.fetch(target)
+            self.expected = self.storage.fetch(self.workspace / "downloaded.db")
             if self.expected is None:
                 phase.metadata["first_run"] = True
                 self.console.info(f"download: {self.storage.location} does not exist yet; "
                                   "starting a new database")
             else:
-                self.base = target
                 phase.metadata.update(size=self.expected.size, sha256=self.expected.sha256,
                                       etag=self.expected.etag)
                 self.console.info(f"download: {self.storage.location}: {self.expected.size:,} bytes, "
                                   f"sha256 {self.expected.sha256[:12]}…")
+            if self.command == "run":
+                self.check_conditional_writes(phase)
+
+    def check_conditional_writes(self, phase: WorkflowPhase) -> None:
+        """Refuse to write to a provider that silently ignores If-Match: it would lose builds.
+        The verdict travels in the object's metadata, so the probe runs once per endpoint."""
+        if not self.params.conditional_writes:
+            self.console.warning("conditional writes are off (--no-conditional-writes): runs that "
+                                 "upload at the same time can lose each other's builds")
+            return
+        if self.storage.verdict == "local" or (
+                self.expected and self.expected.metadata.get("conditional-writes") == self.storage.verdict):
+            return
+        accepted = self.storage.probe_conditional_writes()
+        phase.metadata["conditional_writes_probe"] = accepted or "honoured"
+        if accepted:
+            raise TrackMetricsError(
+                "S3_CONDITIONAL_WRITES_UNSUPPORTED", f"the storage accepted {' and '.join(accepted)}: "
+                "it ignores conditional writes, so concurrent runs would silently overwrite each "
+                "other's builds. Nothing was written. If only one run at a time ever writes this "
+                "key, pass --no-conditional-writes", type="storage")
 
     def validate(self) -> None:
         with self.phase("validate") as phase:
-            if self.base is None:
-                self.base = self.workspace / "new.db"
-                ensure_schema_file(self.base)
-            else:
-                check_database(self.base, self.params.integrity)
-            phase.metadata["builds"] = count_builds(self.base)
-            self.result.total_builds = phase.metadata["builds"]
+            self.base = self.load_base(self.workspace / "downloaded.db")
+            phase.metadata["builds"] = self.result.total_builds = count_builds(self.base)
+
+    def load_base(self, downloaded: Path) -> Path:
+        """The database this run builds on: the download when it is sound, a new one on the
+        first run, or what --on-corrupt says when the object is damaged."""
+        self.backup_allowed = self.expected is not None
+        if self.expected is None:
+            return self.new_database()
+        try:
+            check_database(downloaded, self.params.integrity)
+            return downloaded
+        except TrackMetricsError as exc:
+            if exc.code not in ("DB_NOT_SQLITE", "DB_CORRUPT", "DB_SCHEMA_UNKNOWN") \
+                    or self.params.on_corrupt == "fail" or self.command != "run" \
+                    or not isinstance(self.storage, S3Storage):
+                raise
+            self.backup_allowed = False  # never let a damaged object replace a good .bak
+            if self.params.on_corrupt == "recreate":
+                keep = f"{self.storage.key}.corrupt-{now_utc().strftime('%Y%m%dT%H%M%SZ')}"
+                self.storage.copy(self.expected, keep)
+                self.console.warning(f"{exc.message.split(';')[0]}; kept it as s3://"
+                                     f"{self.storage.bucket}/{keep} and started a new database")
+                return self.new_database()
+            return self.restore(exc)
+
+    def restore(self, damage: TrackMetricsError) -> Path:
+        """The newest valid backup: an older version of the object, else `<key>.bak`."""
+        candidates: list[tuple[str, str | None]] = []
+        try:
+            candidates += [(self.storage.key, version) for version in self.storage.older_versions()]
+        except TrackMetricsError as exc:
+            self.console.warning(f"cannot list older versions ({exc.code}); trying {self.storage.key}.bak")
+        candidates.append((self.storage.key + ".bak", None))
+        for index, (key, version) in enumerate(candidates):
+            target = self.workspace / f"restore-{index}.db"
+            if self.storage.fetch(target, key, version) is None:
+                continue
+            try:
+                check_database(target, self.params.integrity)
+            except TrackMetricsError:
+                continue
+            label = f"version {version}" if version else f"s3://{self.storage.bucket}/{key}"
+            self.console.warning(f"{damage.message.split(';')[0]}; continuing from {label}")
+            return target
+        raise TrackMetricsError(damage.code, damage.message + "; --on-corrupt restore found no "
+                                "valid older version or .bak to continue from", type=damage.type)
+
+    def new_database(self) -> Path:
+        path = self.workspace / "new.db"
+        path.unlink(missing_ok=True)
+        ensure_schema_file(path)
+        return path
 
     def collect(self) -> None:
         with self.phase("collect") as phase:
@@ -1923,7 +2038,7 @@ class TrackingRun:
             for attempt in range(self.params.max_conflict_retries + 1):
                 sha256, md5, size = self.apply_build()
                 try:
-                    if self.params.backup and self.expected is not None:
+                    if self.params.backup and self.backup_allowed:
                         self.storage.backup(self.expected)
                     uploaded = self.storage.store(self.working, self.expected, sha256, md5, size,
                                                   self.generation)
@@ -1934,11 +2049,12 @@ class TrackingRun:
                             "S3_CONFLICT", f"{self.storage.location} kept changing under this run "
                             f"({attempt + 1} attempts); concurrent runs are writing the same key. "
                             "Re-run the job", retryable=True)
-                    delay = min(8.0, 0.1 * 2 ** attempt) * random.uniform(0.5, 1.5)
-                    self.console.info(f"upload: another run updated the database; merging this "
-                                      f"build into the newer version (retry in {delay:.2f} s)")
+                    delay = min(5.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5)
+                    self.console.info(f"upload: another run updated the database; adding this "
+                                      f"build to the newer version (retry in {delay:.2f} s)")
                     time.sleep(delay)
-                    self.refetch()
+                    self.expected = self.storage.fetch(self.workspace / "downloaded.db")
+                    self.base = self.load_base(self.workspace / "downloaded.db")
             phase.metadata.update(attempts=attempt + 1, size=size, sha256=sha256, etag=uploaded.etag)
             self.result.database = DatabaseFile(self.storage.key, size, uploaded.last_modified,
                                                 uploaded.etag, uploaded.version_id, sha256,
@@ -1960,17 +2076,8 @@ class TrackingRun:
             connection.close()
         for warning in warnings:
             self.console.warning(warning)
+        check_upload_size(self.working.stat().st_size)
         return prepare_upload(self.working, self.params.integrity)
-
-    def refetch(self) -> None:
-        target = self.workspace / "downloaded.db"
-        self.expected = self.storage.fetch(target)
-        if self.expected is None:
-            self.base = self.workspace / "new.db"
-            ensure_schema_file(self.base)
-        else:
-            check_database(target, self.params.integrity)
-            self.base = target
 
     def report(self) -> None:
         with self.phase("report") as phase:

@@ -185,3 +185,12 @@ def database_rows(data: bytes, tmp_path: Path, query: str) -> list[tuple]:
         return connection.execute(query).fetchall()
     finally:
         connection.close()
+
+
+@pytest.fixture
+def proxy(s3_server):
+    """A fault-injecting proxy in front of the S3 server; tests add rules to it."""
+    from fault_proxy import FaultProxy
+    instance = FaultProxy(s3_server.endpoint, REGION, s3_server.keys)
+    yield instance
+    instance.close()

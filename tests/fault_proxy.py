@@ -1,0 +1,199 @@
+"""A small HTTP proxy between the tool and moto that injects the faults CI meets in real life.
+
+Each request is read whole, matched against the rules (first match wins, each rule fires
+`count` times), and then failed, mangled or forwarded. Writes are forwarded one at a time:
+S3 makes a conditional PUT atomic, moto's threaded server does not, and the proxy gives back
+the provider's guarantee so that concurrency tests test the tool, not moto's races.
+"""
+from __future__ import annotations
+
+import http.client
+import re
+import socket
+import socketserver
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+ERROR_BODY = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+              "<Message>injected by the test proxy</Message></Error>")
+
+
+@dataclass
+class Rule:
+    method: str  # GET, PUT, HEAD, DELETE, or * for any
+    path: str  # a regular expression searched in the request path (with query)
+    action: str  # status | reset_request | reset_after_forward | truncate | flip | stall | ignore_conditions
+    count: int = 1  # how many matching requests it applies to; -1 for all
+    status: int = 503
+    code: str = "SlowDown"
+    delay: float = 0.0
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.count != -1 and self.hits >= self.count:
+            return False
+        return self.method in ("*", method) and re.search(self.path, path) is not None
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    status: int | None
+    fault: str | None
+
+
+@dataclass
+class FaultProxy:
+    upstream: str
+    region: str = "us-east-1"
+    keys: object = None  # for re-signing requests whose conditional headers are removed
+    rules: list[Rule] = field(default_factory=list)
+    log: list[Seen] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        parts = urlsplit(self.upstream)
+        self._host, self._port = parts.hostname, parts.port
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                proxy._handle(self.request)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def add(self, *rules: Rule) -> None:
+        with self._lock:
+            self.rules.extend(rules)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.rules.clear()
+            self.log.clear()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def requests(self, method: str | None = None, path: str = "") -> list[Seen]:
+        return [s for s in self.log if (method is None or s.method == method) and re.search(path, s.path)]
+
+    # -- one connection, one request ------------------------------------------------------
+
+    def _handle(self, sock: socket.socket) -> None:
+        sock.settimeout(60)
+        reader = sock.makefile("rb")
+        request_line = reader.readline().decode("latin-1").strip()
+        if not request_line:
+            return
+        method, path, _ = request_line.split(" ", 2)
+        headers = []
+        while (line := reader.readline().decode("latin-1")) not in ("\r\n", "\n", ""):
+            name, value = line.split(":", 1)
+            headers.append((name.strip(), value.strip()))
+        lower = {name.lower(): value for name, value in headers}
+        with self._lock:
+            rule = next((r for r in self.rules if r.matches(method, path)), None)
+            if rule:
+                rule.hits += 1
+        if lower.get("expect", "").lower() == "100-continue":
+            sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        length = int(lower.get("content-length", "0") or 0)
+        if rule and rule.action == "reset_request":
+            reader.read(length // 2)
+            self._record(method, path, None, "reset_request")
+            return self._reset(sock)
+        body = reader.read(length) if length else b""
+        if rule and rule.action == "status":
+            self._record(method, path, rule.status, f"status {rule.status}")
+            payload = b"" if method == "HEAD" else ERROR_BODY.format(code=rule.code).encode()
+            return self._respond(sock, rule.status, [("Content-Type", "application/xml")], payload)
+        if rule and rule.action == "stall":
+            time.sleep(rule.delay)
+        headers = [(n, v) for n, v in headers if n.lower() not in ("expect", "connection")]
+        if rule and rule.action == "ignore_conditions":
+            headers = self._without_conditions(method, path, headers, body)
+        status, response_headers, payload = self._forward(method, path, headers, body)
+        fault = rule.action if rule else None
+        self._record(method, path, status, fault)
+        if fault == "reset_after_forward":
+            return self._reset(sock)
+        if fault == "truncate" and len(payload) > 1:
+            return self._respond(sock, status, response_headers, payload[: len(payload) // 2],
+                                 length=len(payload), then_reset=True)
+        if fault == "flip" and payload:
+            middle = len(payload) // 2
+            payload = payload[:middle] + bytes([payload[middle] ^ 0xFF]) + payload[middle + 1:]
+        self._respond(sock, status, response_headers, payload)
+
+    def _forward(self, method, path, headers, body):
+        writes = method in ("PUT", "POST", "DELETE")
+        if writes:
+            self._write_lock.acquire()
+        try:
+            connection = http.client.HTTPConnection(self._host, self._port, timeout=60)
+            connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+            for name, value in headers:
+                connection.putheader(name, value)
+            connection.endheaders(body or None)
+            response = connection.getresponse()
+            payload = response.read()
+            dropped = ("connection", "transfer-encoding") + (() if method == "HEAD" else ("content-length",))
+            response_headers = [(n, v) for n, v in response.getheaders() if n.lower() not in dropped]
+            connection.close()
+            return response.status, response_headers, payload
+        finally:
+            if writes:
+                self._write_lock.release()
+
+    def _without_conditions(self, method, path, headers, body):
+        """A provider that ignores If-Match/If-None-Match: drop them and sign the request again."""
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+
+        dropped = ("if-match", "if-none-match", "authorization", "x-amz-date")
+        kept = [(n, v) for n, v in headers if n.lower() not in dropped]
+        host = dict((n.lower(), v) for n, v in kept)["host"]
+        request = AWSRequest(method=method, url=f"http://{host}{path}", data=body, headers=dict(kept))
+        S3SigV4Auth(Credentials(self.keys.access_key_id, self.keys.secret_access_key), "s3",
+                    self.region).add_auth(request)
+        return list(request.headers.items())
+
+    @staticmethod
+    def _respond(sock, status, headers, payload, length=None, then_reset=False):
+        head = [f"HTTP/1.1 {status} {http.client.responses.get(status, 'Status')}"]
+        head += [f"{n}: {v}" for n, v in headers]
+        if not any(n.lower() == "content-length" for n, _ in headers):
+            head.append(f"Content-Length: {len(payload) if length is None else length}")
+        head.append("Connection: close")
+        try:
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload)
+        except OSError:
+            return
+        if then_reset:
+            FaultProxy._reset(sock)
+
+    @staticmethod
+    def _reset(sock):
+        """Close with a TCP reset, as a dropped connection looks to the client."""
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        except OSError:
+            pass
+
+    def _record(self, method, path, status, fault):
+        with self._lock:
+            self.log.append(Seen(method, path, status, fault))
