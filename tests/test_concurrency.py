@@ -1,0 +1,72 @@
+"""Concurrent runs against one key: every build ends up in the database."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from conftest import SIMPLE_METRICS, TOOL, database_rows, get_object, write_config
+
+RUNS = 8
+
+
+def start_run(run_cli, config, endpoint, index, extra=()):
+    args = [sys.executable, str(TOOL), "--config", str(config), *run_cli.s3_args(endpoint),
+            "--report-dir", str(run_cli.tmp_path / f"report-{index}"), "--commit", uuid.uuid4().hex,
+            "--branch", f"branch-{index}", "--run-id", f"run-{index}", *extra]
+    return subprocess.Popen(args, env=run_cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_eight_runs_at_once_all_land(run_cli, proxy, s3_server, bucket, tmp_path, round_):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    # One run first, so the others race on If-Match (and the probe verdict is cached).
+    assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+    processes = [start_run(run_cli, config, proxy.endpoint, index) for index in range(RUNS)]
+    outputs = [process.communicate(timeout=180) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr
+    rows = database_rows(get_object(s3_server, bucket), tmp_path,
+                         "SELECT branch FROM build_contexts ORDER BY branch")
+    assert len(rows) == RUNS + 1
+    assert {row[0] for row in rows} == {"main"} | {f"branch-{i}" for i in range(RUNS)}
+    values = database_rows(get_object(s3_server, bucket), tmp_path, "SELECT COUNT(*) FROM metric_values")
+    assert values == [((RUNS + 1) * 3,)]
+    assert sum("another run updated the database" in stderr for _, stderr in outputs) >= 1
+    assert len(proxy.requests("PUT", r"/unentropy\.db$")) > RUNS  # conflicts really happened
+
+
+def test_eight_first_runs_at_once_all_land(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    processes = [start_run(run_cli, config, proxy.endpoint, index) for index in range(RUNS)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr
+    rows = database_rows(get_object(s3_server, bucket), tmp_path, "SELECT COUNT(*) FROM build_contexts")
+    assert rows == [(RUNS,)]
+
+
+def test_exhausted_conflict_retries_exit_75(run_cli, proxy, s3_server, bucket, tmp_path):
+    from fault_proxy import Rule
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+    before = get_object(s3_server, bucket)
+    proxy.clear()
+    proxy.add(Rule("PUT", r"/unentropy\.db$", "status", count=-1, status=412, code="PreconditionFailed"))
+    result = run_cli.track(config, "--json", "--max-conflict-retries", "2", endpoint=proxy.endpoint)
+    assert result.returncode == 75
+    assert result.json()["error"]["code"] == "S3_CONFLICT"
+    assert len(proxy.requests("PUT", r"/unentropy\.db$")) == 3
+    assert get_object(s3_server, bucket) == before
+
+
+def test_without_conditional_writes_a_conflict_is_not_detected(run_cli, s3_server, bucket, tmp_path):
+    """The documented cost of --no-conditional-writes: this is why it is opt-in."""
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    result = run_cli.track(config, "--no-conditional-writes")
+    assert result.returncode == 0
+    head = s3_server.client().head_object(Bucket=bucket, Key="unentropy.db")
+    assert "conditional-writes" not in head["Metadata"]

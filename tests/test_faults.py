@@ -1,0 +1,175 @@
+"""Faults between the tool and the storage, injected by the proxy: retried, detected, never lost."""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+
+from conftest import SIMPLE_METRICS, database_rows, get_object, write_config
+from fault_proxy import Rule
+
+DB = r"/unentropy\.db$"
+
+
+def seed_history(run_cli, tmp_path, runs: int = 2):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    for _ in range(runs):
+        assert run_cli.track(config).returncode == 0
+    return config
+
+
+def builds(s3_server, bucket, tmp_path) -> int:
+    return database_rows(get_object(s3_server, bucket), tmp_path, "SELECT COUNT(*) FROM build_contexts")[0][0]
+
+
+def test_transient_5xx_on_get_and_put_is_retried(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = seed_history(run_cli, tmp_path)
+    proxy.add(Rule("GET", DB, "status", count=2, status=503, code="SlowDown"),
+              Rule("PUT", DB, "status", count=2, status=500, code="InternalError"))
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 0, result.output
+    assert len(proxy.requests("GET", DB)) >= 3 and len(proxy.requests("PUT", DB)) >= 3
+    assert builds(s3_server, bucket, tmp_path) == 3
+
+
+def test_persistent_5xx_is_retryable_and_leaves_the_object_unchanged(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = seed_history(run_cli, tmp_path)
+    before = get_object(s3_server, bucket)
+    proxy.add(Rule("PUT", DB, "status", count=-1, status=503, code="SlowDown"))
+    result = run_cli.track(config, "--json", "--retry-attempts", "3", endpoint=proxy.endpoint)
+    assert result.returncode == 75, result.output
+    assert result.json()["error"]["code"] == "S3_UNAVAILABLE"
+    assert get_object(s3_server, bucket) == before
+    proxy.clear()
+    proxy.add(Rule("GET", DB, "status", count=-1, status=500, code="InternalError"))
+    result = run_cli.track(config, "--json", "--retry-attempts", "2", endpoint=proxy.endpoint)
+    assert result.returncode == 75 and result.json()["error"]["code"] == "S3_UNAVAILABLE"
+    assert proxy.requests("PUT") == []
+    assert get_object(s3_server, bucket) == before
+
+
+def test_403_on_get_uploads_nothing(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = seed_history(run_cli, tmp_path, runs=1)
+    before = get_object(s3_server, bucket)
+    proxy.add(Rule("GET", DB, "status", count=-1, status=403, code="AccessDenied"))
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 1
+    assert result.json()["error"]["code"] == "S3_ACCESS_DENIED"
+    assert "s3:GetObject" in result.json()["error"]["message"]
+    assert proxy.requests("PUT") == []
+    assert get_object(s3_server, bucket) == before
+
+
+def test_403_on_put_keeps_the_collected_database_locally(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = seed_history(run_cli, tmp_path, runs=1)
+    before = get_object(s3_server, bucket)
+    proxy.add(Rule("PUT", DB, "status", count=-1, status=403, code="AccessDenied"))
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 1
+    assert result.json()["error"]["code"] == "S3_ACCESS_DENIED"
+    assert get_object(s3_server, bucket) == before
+    line = next(line for line in result.stderr.splitlines() if "kept at" in line)
+    kept = line.split("kept at ", 1)[1].split(" so ")[0]
+    connection = sqlite3.connect(kept)
+    assert connection.execute("SELECT COUNT(*) FROM build_contexts").fetchone() == (2,)
+    connection.close()
+
+
+def test_a_body_cut_short_is_downloaded_again(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = seed_history(run_cli, tmp_path)
+    proxy.add(Rule("GET", DB, "truncate", count=1))
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 0, result.output
+    assert len(proxy.requests("GET", DB)) == 2
+    assert builds(s3_server, bucket, tmp_path) == 3
+
+
+def test_flipped_bytes_are_detected_and_downloaded_again(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = seed_history(run_cli, tmp_path)
+    proxy.add(Rule("GET", DB, "flip", count=1))
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 0, result.output
+    assert "CHECKSUM_MISMATCH" in result.stderr or "SHA-256" in result.stderr
+    assert len(proxy.requests("GET", DB)) == 2
+    assert builds(s3_server, bucket, tmp_path) == 3
+
+
+def test_corruption_in_transit_every_time_is_never_uploaded(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = seed_history(run_cli, tmp_path)
+    before = get_object(s3_server, bucket)
+    proxy.add(Rule("GET", DB, "flip", count=-1))
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 75
+    assert result.json()["error"]["code"] == "CHECKSUM_MISMATCH"
+    assert proxy.requests("PUT") == []
+    assert get_object(s3_server, bucket) == before
+
+
+def test_connection_reset_during_put_is_retried(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = seed_history(run_cli, tmp_path)
+    proxy.add(Rule("PUT", DB, "reset_request", count=1))
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 0, result.output
+    data = get_object(s3_server, bucket)
+    head = s3_server.client().head_object(Bucket=bucket, Key="unentropy.db")
+    assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert builds(s3_server, bucket, tmp_path) == 3
+
+
+def test_a_put_that_landed_but_lost_its_response_is_not_a_conflict(run_cli, proxy, s3_server, bucket, tmp_path):
+    """The first PUT lands, its response is lost, botocore retries, the retry's If-Match fails
+    with 412: the object holds this run's write, so the run succeeds without a second build."""
+    config = seed_history(run_cli, tmp_path)
+    proxy.add(Rule("PUT", DB, "reset_after_forward", count=1))
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 0, result.output
+    puts = proxy.requests("PUT", DB)
+    assert [p.status for p in puts][:2] == [200, 412]
+    assert result.json()["phases"][3]["metadata"]["attempts"] == 1
+    assert builds(s3_server, bucket, tmp_path) == 3
+
+
+def test_a_stalled_response_times_out_and_is_retried(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = seed_history(run_cli, tmp_path)
+    proxy.add(Rule("GET", DB, "stall", count=1, delay=4))
+    started = time.monotonic()
+    result = run_cli.track(config, "--json", "--request-timeout", "1", endpoint=proxy.endpoint)
+    assert result.returncode == 0, result.output
+    assert time.monotonic() - started < 15
+    assert builds(s3_server, bucket, tmp_path) == 3
+
+
+def test_a_storage_that_never_answers_ends_within_the_run_timeout(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = seed_history(run_cli, tmp_path, runs=1)
+    proxy.add(Rule("GET", DB, "stall", count=-1, delay=30))
+    started = time.monotonic()
+    result = run_cli.track(config, "--json", "--request-timeout", "20", "--timeout", "3",
+                           endpoint=proxy.endpoint)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 75
+    assert result.json()["error"]["code"] == "RUN_TIMEOUT"
+
+
+def test_a_provider_ignoring_conditional_writes_is_refused(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    proxy.add(Rule("PUT", r"\.probe-", "ignore_conditions", count=-1))
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 1, result.output
+    error = result.json()["error"]
+    assert error["code"] == "S3_CONDITIONAL_WRITES_UNSUPPORTED"
+    assert "--no-conditional-writes" in error["message"]
+    assert get_object(s3_server, bucket) is None
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0  # no probe left
+    result = run_cli.track(config, "--json", "--no-conditional-writes", endpoint=proxy.endpoint)
+    assert result.returncode == 0, result.output
+    assert "can lose each other's builds" in result.stderr
+
+
+def test_the_conditional_write_probe_runs_once_per_endpoint(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+    assert len(proxy.requests("PUT", r"\.probe-")) == 3
+    proxy.clear()
+    assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+    assert proxy.requests("PUT", r"\.probe-") == []
+    assert [s.method for s in proxy.log] == ["GET", "PUT", "PUT", "HEAD"]  # get, backup copy, put, verify
