@@ -1343,6 +1343,9 @@ class CommandRunner:
             return MetricOutcome(metric.id, error=f"timed out after {timeout:g} s (the command and "
                                  "everything it started were killed)",
                                  duration_ms=elapsed_ms(started))
+        except BaseException:  # cancelled: nothing the command started may outlive the run
+            kill_group(process)
+            raise
         finally:
             with self.lock:
                 self.live.discard(process)

@@ -93,7 +93,10 @@ class FaultProxy:
 
     def _handle(self, sock: socket.socket) -> None:
         sock.settimeout(60)
-        reader = sock.makefile("rb")
+        with sock.makefile("rb") as reader:
+            self._exchange(sock, reader)
+
+    def _exchange(self, sock: socket.socket, reader) -> None:
         request_line = reader.readline().decode("latin-1").strip()
         if not request_line:
             return
@@ -115,6 +118,9 @@ class FaultProxy:
             self._record(method, path, None, "reset_request")
             return self._reset(sock)
         body = reader.read(length) if length else b""
+        if len(body) < length:  # the client went away mid-body: a real S3 stores nothing
+            self._record(method, path, None, "client_disconnected")
+            return
         if rule and rule.action == "status":
             self._record(method, path, rule.status, f"status {rule.status}")
             payload = b"" if method == "HEAD" else ERROR_BODY.format(code=rule.code).encode()
