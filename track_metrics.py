@@ -691,11 +691,11 @@ def _credentials(sources: _Sources, missing: list) -> S3Credentials | None:
     secret = sources.get("secret_access_key", "s3-secret-access-key", ("AWS_SECRET_ACCESS_KEY",))
     token = sources.get("session_token", "s3-session-token", ("AWS_SESSION_TOKEN",))
     if key_id is None:
-        missing.append(("access key id", "input s3-access-key-id or the AWS_ACCESS_KEY_ID "
-                        "environment variable"))
+        missing.append(("access key id", "input s3-access-key-id, the AWS_ACCESS_KEY_ID "
+                        "environment variable or --access-key-id"))
     if secret is None:
-        missing.append(("secret access key", "input s3-secret-access-key or the "
-                        "AWS_SECRET_ACCESS_KEY environment variable"))
+        missing.append(("secret access key", "input s3-secret-access-key, the "
+                        "AWS_SECRET_ACCESS_KEY environment variable or --secret-access-key"))
     if key_id is None or secret is None:
         return None
     return S3Credentials(key_id[0], secret[0], token[0] if token else None)
@@ -832,6 +832,10 @@ def iso(value: Any) -> str | None:
     if isinstance(value, dt.datetime):
         return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
     return None if value is None else str(value)
+
+
+WRONG_PRECONDITIONS = (("If-None-Match: * on an existing object", {"IfNoneMatch": "*"}),
+                       ("a wrong If-Match", {"IfMatch": '"0123456789abcdef0123456789abcdef"'}))
 
 
 class S3Storage:
@@ -1013,23 +1017,30 @@ class S3Storage:
         from urllib.parse import urlsplit
         return "honoured " + (urlsplit(self.params.s3.endpoint or "").hostname or "aws")
 
+    @property
+    def probe_key(self) -> str:
+        return f"{self.key}.probe-{self.writer[:12]}"
+
+    def put_probe(self, **condition: str) -> bool:
+        """PUT the probe object; False when the provider refused the precondition (412/409)."""
+        try:
+            self._call("PutObject", self.probe_key, Key=self.probe_key, Body=b"track_metrics probe",
+                       **condition)
+            return True
+        except Conflict:
+            return False
+
+    def delete_probe(self) -> None:
+        self._call("DeleteObject", self.probe_key, Key=self.probe_key)
+
     def probe_conditional_writes(self) -> list[str]:
         """Which deliberately wrong preconditions the provider accepted (none is the only good
         answer), tried on a probe object beside the database key, which is removed again."""
-        key = f"{self.key}.probe-{self.writer[:12]}"
-        self._call("PutObject", key, Key=key, Body=b"probe")
-        accepted = []
+        self.put_probe()
         try:
-            for label, condition in (("If-None-Match: * on an existing object", {"IfNoneMatch": "*"}),
-                                     ("a wrong If-Match", {"IfMatch": '"0123456789abcdef"'})):
-                try:
-                    self._call("PutObject", key, Key=key, Body=b"overwritten", **condition)
-                    accepted.append(label)
-                except Conflict:
-                    pass
+            return [label for label, condition in WRONG_PRECONDITIONS if self.put_probe(**condition)]
         finally:
-            self._call("DeleteObject", key, Key=key)
-        return accepted
+            self.delete_probe()
 
     def older_versions(self) -> list[str]:
         """Version ids of the database key, newest first, without the current one."""
@@ -2157,6 +2168,55 @@ def run(params: ActionParameters, config: Config, console: Console | None = None
         return tracking.result
 
 
+def diagnose(storage: S3Storage) -> list[tuple[str, str, str]]:
+    """`check`: each capability the tool needs, as (check, "ok"/"FAILED"/"skipped", advice)."""
+    rows: list[tuple[str, str, str]] = []
+    names = ["endpoint reachable", "credentials accepted", "bucket exists",
+             "read (s3:GetObject)", "write (s3:PutObject)", "conditional writes honoured",
+             "delete (s3:DeleteObject)"]
+
+    def fail(failed: str, advice: str) -> list[tuple[str, str, str]]:
+        rows.append((failed, "FAILED", advice))
+        return rows + [(name, "skipped", "") for name in names[len(rows):]]
+
+    try:
+        storage.client.get_object(Bucket=storage.bucket, Key=storage.key, Range="bytes=0-15")["Body"].close()
+    except Exception as exc:  # classified below; anything else is a real bug and re-raised
+        from botocore.exceptions import BotoCoreError, ClientError
+        if not isinstance(exc, (BotoCoreError, ClientError)):
+            raise
+        if error_code(exc)[0] not in ("NoSuchKey", "InvalidRange"):
+            error = s3_error(exc, "GetObject", storage.location)
+            stage = {"S3_NETWORK": 0, "S3_AUTH_FAILED": 1, "S3_BUCKET_NOT_FOUND": 2}.get(error.code, 3)
+            rows.extend((name, "ok", "") for name in names[:stage])
+            return fail(names[stage], error.message)
+    rows.extend((name, "ok", "") for name in names[:4])
+    try:
+        storage.put_probe()
+    except TrackMetricsError as exc:
+        return fail(names[4], exc.message)
+    rows.append((names[4], "ok", ""))
+    try:
+        accepted = [label for label, condition in WRONG_PRECONDITIONS if storage.put_probe(**condition)]
+        rows.append((names[5], "FAILED" if accepted else "ok", (
+            f"the provider accepted {' and '.join(accepted)}; concurrent runs would lose builds: "
+            "use another provider or --no-conditional-writes with one writer at a time")
+            if accepted else ""))
+    finally:
+        try:
+            storage.delete_probe()
+            rows.append((names[6], "ok", ""))
+        except TrackMetricsError as exc:
+            rows.append((names[6], "FAILED", f"{exc.message}; remove s3://{storage.bucket}/"
+                         f"{storage.probe_key} by hand"))
+    return rows
+
+
+def format_table(rows: Sequence[tuple[str, str, str]]) -> str:
+    width = max(len(row[0]) for row in rows)
+    return "\n".join(f"{name:<{width}}  {status:<7}  {advice}".rstrip() for name, status, advice in rows)
+
+
 # ============================================================================================
 # Command line
 # ============================================================================================
@@ -2167,8 +2227,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Track a codebase's metrics across CI runs in a SQLite database on S3.",
         epilog="Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN. "
                "Exit codes: 0 ok, 1 failed, 2 bad configuration, 75 retryable.")
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "report"),
-                        help="run (default): collect and upload; report: regenerate the report")
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "report", "check"),
+                        help="run (default): collect and upload; report: regenerate the report; "
+                        "check: diagnose credentials, bucket, permissions and conditional writes")
     parser.add_argument("--version", action="version", version=f"track_metrics {__version__}")
     add = parser.add_argument
     add("--config", help="configuration file (default: unentropy.json, input config-file)")
@@ -2223,6 +2284,20 @@ def write_github_outputs(path: str, result: ActionResult, secrets: Sequence[str]
             handle.write(f"{name}<<{delimiter}\n{redact(value, secrets)}\n{delimiter}\n")
 
 
+def check(params: ActionParameters, console: Console, as_json: bool) -> int:
+    if params.local_db is not None:
+        console.error("check diagnoses S3 storage; there is nothing to check with --local-db")
+        return EXIT_USAGE
+    storage = S3Storage(params, console, uuid.uuid4().hex)
+    rows = diagnose(storage)
+    if as_json:
+        document = [{"check": name, "status": status, "advice": advice} for name, status, advice in rows]
+        sys.stdout.write(console.redact(json.dumps(document, indent=2)) + "\n")
+    else:
+        sys.stdout.write(console.redact(f"{params.location}\n{format_table(rows)}") + "\n")
+    return EXIT_OK if all(status == "ok" for _, status, _ in rows) else EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ if environ is None else environ)
@@ -2237,7 +2312,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     result = ActionResult()
     try:
         config_path = Path(args.config or environ.get("INPUT_CONFIG-FILE", "").strip() or "unentropy.json")
-        config = load_config(config_path)
+        if args.command == "check" and not config_path.exists():
+            config = Config(storage=StorageConfiguration())  # check needs no metrics, flags suffice
+        else:
+            config = load_config(config_path)
         for warning in config.warnings:
             console.warning(warning)
         params = ActionParameters.from_sources(args, environ, config, config_path)
@@ -2254,6 +2332,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             phase.status = "skipped"
         console.error(f"[{exc.code}] {exc.message}")
     else:
+        if args.command == "check":
+            return check(params, console, args.json)
         result = run(params, config, console, environ, command=args.command)
         if result.success:
             console.info(f"done: {len(result.metrics_collected)} metrics recorded, "

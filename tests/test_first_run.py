@@ -41,6 +41,11 @@ def test_three_runs_make_three_builds(run_cli, s3_server, bucket, tmp_path):
     rows = database_rows(get_object(s3_server, bucket), tmp_path,
                          "SELECT COUNT(*), COUNT(DISTINCT run_id) FROM build_contexts")
     assert rows == [(3, 3)]
+    generation = database_rows(get_object(s3_server, bucket), tmp_path,
+                               "SELECT value FROM track_metrics_state WHERE key = 'generation'")
+    assert generation == [("3",)]
+    head = s3_server.client().head_object(Bucket=bucket, Key="unentropy.db")
+    assert head["Metadata"]["generation"] == "3" and len(head["Metadata"]["writer"]) == 32
     report = (tmp_path / "report" / "index.html").read_text()
     assert "3 builds" in report
 

@@ -151,3 +151,10 @@ def test_main_returns_exit_codes_without_exiting(tmp_path, capsys):
     code = tm.main(["--config", str(tmp_path / "unentropy.json"), "--json"], environ={})
     assert code == 2
     assert json.loads(capsys.readouterr().out)["error"]["code"] == "CONFIG_STORAGE_MISSING"
+
+
+def test_databases_over_the_single_put_limit_are_refused():
+    tm.check_upload_size(5 * 1024**3)
+    with pytest.raises(tm.TrackMetricsError) as caught:
+        tm.check_upload_size(5 * 1024**3 + 1)
+    assert caught.value.code == "DB_TOO_LARGE" and "5 GiB" in caught.value.message
