@@ -44,6 +44,7 @@ class Seen:
     path: str
     status: int | None
     fault: str | None
+    host: str = ""
 
 
 @dataclass
@@ -101,6 +102,9 @@ class FaultProxy:
         if not request_line:
             return
         method, path, _ = request_line.split(" ", 2)
+        if path.startswith("http://"):  # absolute-form: the client uses us as its HTTP proxy
+            parts = urlsplit(path)
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
         headers = []
         while (line := reader.readline().decode("latin-1")) not in ("\r\n", "\n", ""):
             name, value = line.split(":", 1)
@@ -115,24 +119,24 @@ class FaultProxy:
         length = int(lower.get("content-length", "0") or 0)
         if rule and rule.action == "reset_request":
             reader.read(length // 2)
-            self._record(method, path, None, "reset_request")
+            self._record(lower.get("host", ""), method, path, None, "reset_request")
             return self._reset(sock)
         body = reader.read(length) if length else b""
         if len(body) < length:  # the client went away mid-body: a real S3 stores nothing
-            self._record(method, path, None, "client_disconnected")
+            self._record(lower.get("host", ""), method, path, None, "client_disconnected")
             return
         if rule and rule.action == "status":
-            self._record(method, path, rule.status, f"status {rule.status}")
+            self._record(lower.get("host", ""), method, path, rule.status, f"status {rule.status}")
             payload = b"" if method == "HEAD" else ERROR_BODY.format(code=rule.code).encode()
             return self._respond(sock, rule.status, [("Content-Type", "application/xml")], payload)
         if rule and rule.action == "stall":
             time.sleep(rule.delay)
-        headers = [(n, v) for n, v in headers if n.lower() not in ("expect", "connection")]
+        headers = [(n, v) for n, v in headers if n.lower() not in ("expect", "connection", "proxy-connection")]
         if rule and rule.action == "ignore_conditions":
             headers = self._without_conditions(method, path, headers, body)
         status, response_headers, payload = self._forward(method, path, headers, body)
         fault = rule.action if rule else None
-        self._record(method, path, status, fault)
+        self._record(lower.get("host", ""), method, path, status, fault)
         if fault == "reset_after_forward":
             return self._reset(sock)
         if fault == "truncate" and len(payload) > 1:
@@ -200,6 +204,6 @@ class FaultProxy:
         except OSError:
             pass
 
-    def _record(self, method, path, status, fault):
+    def _record(self, host, method, path, status, fault):
         with self._lock:
-            self.log.append(Seen(method, path, status, fault))
+            self.log.append(Seen(method, path, status, fault, host))

@@ -158,3 +158,39 @@ def test_databases_over_the_single_put_limit_are_refused():
     with pytest.raises(tm.TrackMetricsError) as caught:
         tm.check_upload_size(5 * 1024**3 + 1)
     assert caught.value.code == "DB_TOO_LARGE" and "5 GiB" in caught.value.message
+
+
+def test_pep_723_header_names_botocore_and_python(tmp_path):
+    import re as regex
+    import tomllib
+    text = TOOL.read_text()
+    block = regex.search(r"(?m)^# /// script$\s(?P<content>(^#(| .*)$\s)+)^# ///$", text)
+    assert block and text.index("# /// script") < 200
+    content = "".join(line[2:] if line.startswith("# ") else line[1:]
+                      for line in block.group("content").splitlines(keepends=True))
+    metadata = tomllib.loads(content)
+    assert metadata["requires-python"] == ">=3.10"
+    assert [d.split(">")[0] for d in metadata["dependencies"]] == ["botocore"]
+
+
+def test_the_version_lives_in_one_place():
+    import tomllib
+    project = tomllib.loads((TOOL.parent / "pyproject.toml").read_text())
+    assert project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "track_metrics.__version__"}
+    assert "version" not in project["project"]
+    assert TOOL.read_text().count(tm.__version__) == 1
+
+
+def test_the_examples_are_valid():
+    import yaml
+    examples = TOOL.parent / "examples"
+    action = yaml.safe_load((TOOL.parent / "action.yml").read_text())
+    for config in examples.rglob("*.json"):
+        assert tm.load_config(config).metrics
+    workflow = yaml.safe_load((examples / "github-workflow.yml").read_text())
+    step = next(s for s in workflow["jobs"]["metrics"]["steps"] if s.get("id") == "metrics")
+    assert set(step["with"]) <= set(action["inputs"])
+    assert (TOOL.parent / step["with"]["config-file"]).exists()
+    job = yaml.safe_load((examples / "gitlab-ci.yml").read_text())["metrics"]
+    assert any("track_metrics.py --config examples/typical/unentropy.json" in line for line in job["script"])
