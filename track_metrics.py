@@ -544,6 +544,7 @@ class ActionParameters:
     branch: str | None = None
     run_id: str | None = None
     run_number: int | None = None
+    report_branch: str | None = None
 
     @property
     def location(self) -> str:
@@ -628,6 +629,7 @@ class ActionParameters:
             commit=getattr(args, "commit", None), branch=getattr(args, "branch", None),
             run_id=getattr(args, "run_id", None),
             run_number=int(run_number[0]) if run_number else None,
+            report_branch=getattr(args, "report_branch", None),
             **numbers)
 
 
@@ -1475,34 +1477,42 @@ def github_head_sha(environ: Mapping[str, str]) -> str | None:
 # ============================================================================================
 
 @dataclass
-class History:
-    """What the report draws: metrics, builds in time order, and each metric's values."""
-    metrics: list[dict]
-    builds: list[tuple]  # (id, commit_sha, branch, run_id, run_number, event_name, timestamp)
-    values: dict[str, list[tuple[int, Any]]]  # metric id → [(index into builds, value)]
+class Series:
+    """One metric's recorded values, in build order, with how the report should present it."""
+    id: str
+    type: str
+    unit: str | None
+    name: str
+    description: str | None
+    direction: str
+    points: list[tuple[int, Any]]  # (index into the builds, value)
 
 
-def load_history(path: Path) -> History:
-    connection = open_database(path)
-    try:
-        metrics = [dict(zip(("id", "type", "unit", "description"), row)) for row in connection.execute(
-            "SELECT id, type, unit, description FROM metric_definitions ORDER BY rowid")]
-        builds = connection.execute(
-            "SELECT id, commit_sha, branch, run_id, run_number, event_name, timestamp"
-            " FROM build_contexts ORDER BY timestamp, id").fetchall()
-        position = {build[0]: index for index, build in enumerate(builds)}
-        values: dict[str, list[tuple[int, Any]]] = {metric["id"]: [] for metric in metrics}
-        for metric_id, build_id, numeric, label in connection.execute(
-                "SELECT metric_id, build_id, value_numeric, value_label FROM metric_values"):
-            if metric_id in values and build_id in position:
-                values[metric_id].append((position[build_id], numeric if label is None else label))
-        for series in values.values():
-            series.sort(key=lambda item: item[0])
-        return History(metrics, builds, values)
-    except sqlite3.OperationalError:
-        return History([], [], {})
-    finally:
-        connection.close()
+def read_history(connection: sqlite3.Connection, configured: Sequence[MetricConfig],
+                 branch: str | None = None) -> tuple[list[tuple], Iterator[Series]]:
+    """The builds in time order, and each metric's series read one at a time (memory stays
+    proportional to one metric, however long the history)."""
+    where, arguments = (" WHERE branch = ?", (branch,)) if branch else ("", ())
+    builds = connection.execute(
+        "SELECT id, commit_sha, branch, run_id, run_number, event_name, timestamp FROM build_contexts"
+        f"{where} ORDER BY timestamp, id", arguments).fetchall()
+    position = {build[0]: index for index, build in enumerate(builds)}
+    by_id = {metric.id: metric for metric in configured}
+    definitions = connection.execute(
+        "SELECT id, type, unit, description FROM metric_definitions ORDER BY rowid").fetchall()
+
+    def series() -> Iterator[Series]:
+        for metric_id, kind, unit, description in definitions:
+            wanted = (int, float) if kind == "numeric" else (str,)  # the file is untrusted input
+            points = sorted((position[build_id], value) for build_id, value in connection.execute(
+                "SELECT build_id, COALESCE(value_numeric, value_label) FROM metric_values"
+                " WHERE metric_id = ?", (metric_id,)) if build_id in position and isinstance(value, wanted))
+            metric = by_id.get(metric_id)
+            yield Series(str(metric_id), kind, (metric.unit if metric and metric.unit else None) or unit,
+                         (metric.name if metric and metric.name else None) or str(metric_id),
+                         (metric.description if metric and metric.description else None) or description,
+                         metric.direction if metric else "neutral", points)
+    return builds, series()
 
 
 def format_number(value: float, decimals: int = 2) -> str:
@@ -1599,14 +1609,14 @@ def nice_ticks(low: float, high: float, count: int = 4) -> list[float]:
     return ticks
 
 
-def svg_chart(points: Sequence[tuple[float, float, int]], unit: str | None, metric_id: str) -> str:
-    """An inline SVG line chart of (time, value, build index) points with axes and gridlines."""
-    width, height, left, right, top, bottom = 720, 220, 72, 16, 12, 28
-    drawn = downsample(points)
-    times = [p[0] for p in drawn]
-    ticks = nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
+def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str:
+    """An inline SVG line chart of (time, value, build index) points: axes, gridlines, tick
+    labels and a marker on the latest point. `points` are already downsampled for drawing."""
+    width, height, left, right, top, bottom = 720, 220, 76, 14, 12, 28
+    values = [p[1] for p in series.points]
+    ticks = nice_ticks(min(values), max(values))
     y_low, y_high = ticks[0], ticks[-1]
-    t_low, t_high = min(times), max(times)
+    t_low, t_high = points[0][0], points[-1][0]
     if t_high == t_low:
         t_low, t_high = t_low - 3600, t_high + 3600
 
@@ -1616,186 +1626,233 @@ def svg_chart(points: Sequence[tuple[float, float, int]], unit: str | None, metr
     def y(v: float) -> float:
         return top + (1 - (v - y_low) / ((y_high - y_low) or 1)) * (height - top - bottom)
 
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="{html.escape(metric_id)} over time" data-points="{len(drawn)}">']
+    esc = html.escape
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" data-metric="{esc(series.id)}" '
+             f'aria-label="{esc(series.name)}: {len(values)} values over time">']
     for tick in ticks:
         parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" '
                      f'y2="{y(tick):.1f}"/><text class="tick" x="{left - 6}" y="{y(tick) + 4:.1f}" '
-                     f'text-anchor="end">{html.escape(format_value(tick, unit))}</text>')
+                     f'text-anchor="end">{esc(format_value(tick, series.unit))}</text>')
+    parts.append(f'<line class="axis" x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}"/>')
     for index in range(4):
         moment = t_low + (t_high - t_low) * index / 3
         label = dt.datetime.fromtimestamp(moment, dt.timezone.utc).strftime("%Y-%m-%d")
-        anchor = ("start", "middle", "middle", "end")[index]
-        parts.append(f'<text class="tick" x="{x(moment):.1f}" y="{height - 8}" '
-                     f'text-anchor="{anchor}">{label}</text>')
-    line = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v, _ in drawn)
+        parts.append(f'<text class="tick" x="{x(moment):.1f}" y="{height - 8}" text-anchor='
+                     f'"{("start", "middle", "middle", "end")[index]}">{label}</text>')
+    line = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v, _ in points)
     parts.append(f'<polyline class="line" points="{line}"/>')
     last_t, last_v, _ = points[-1]
-    parts.append(f'<circle class="latest" cx="{x(last_t):.1f}" cy="{y(last_v):.1f}" r="4"/>')
-    parts.append("</svg>")
+    parts.append(f'<circle class="latest" cx="{x(last_t):.1f}" cy="{y(last_v):.1f}" r="4.5">'
+                 f'<title>latest: {esc(format_value(last_v, series.unit))}</title></circle>'
+                 '<circle class="hover" r="4" cx="-10" cy="-10"/></svg>')
     return "".join(parts)
 
 
 REPORT_CSS = """
-:root{--bg:#f7f7f8;--card:#fff;--text:#1d1d1f;--muted:#6b6b76;--line:#2563eb;--grid:#e4e4e9;
---good:#15803d;--bad:#b91c1c;--border:#e4e4e9}
-@media (prefers-color-scheme:dark){:root{--bg:#111114;--card:#1c1c21;--text:#ececf1;--muted:#a0a0ad;
---line:#60a5fa;--grid:#2e2e36;--good:#4ade80;--bad:#f87171;--border:#2e2e36}}
-*{box-sizing:border-box}body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;
-background:var(--bg);color:var(--text)}main{max-width:1200px;margin:0 auto;padding:16px}
-h1{font-size:1.4rem;margin:.2rem 0}h2{font-size:1.05rem;margin:0}.muted{color:var(--muted)}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,520px),1fr));gap:16px;margin:16px 0}
+:root{--bg:#f6f7f9;--card:#fff;--text:#1b1d21;--muted:#646a75;--line:#2563eb;--grid:#e6e8ec;
+--good:#15803d;--bad:#b91c1c;--border:#e2e5ea;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#101216;--card:#1a1d23;--text:#e9ebef;--muted:#9aa1ad;
+--line:#6ea8fe;--grid:#2b2f37;--good:#4ade80;--bad:#f87171;--border:#2b2f37}}
+*{box-sizing:border-box}html{-webkit-text-size-adjust:100%}
+body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:var(--bg);color:var(--text)}
+main{max-width:1400px;margin:0 auto;padding:16px}h1{font-size:1.35rem;margin:0 0 .2rem;overflow-wrap:anywhere}
+h2{font-size:1rem;margin:0}.muted{color:var(--muted)}.meta{display:flex;flex-wrap:wrap;gap:2px 16px;margin:0;color:var(--muted)}
+.filters{display:flex;flex-wrap:wrap;gap:8px 16px;margin:12px 0 0;font-size:.9rem}
+.filters select,.filters input{font:inherit;color:inherit;background:var(--card);border:1px solid var(--border);border-radius:6px;padding:2px 6px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,560px),1fr));gap:16px;margin:16px 0}
 .card{background:var(--card);border:1px solid var(--border);border-radius:10px;padding:14px;min-width:0}
-.latest-value{font-size:1.6rem;font-weight:650;margin:.3rem 0}.stats{display:flex;flex-wrap:wrap;gap:4px 16px;
-font-size:.85rem;color:var(--muted)}.better{color:var(--good)}.worse{color:var(--bad)}
-.chart{width:100%;height:auto;display:block;margin-top:8px}.chart .grid{stroke:var(--grid);stroke-width:1}
-.chart .tick{fill:var(--muted);font-size:11px}.chart .line{fill:none;stroke:var(--line);stroke-width:2;
-stroke-linejoin:round}.chart .latest{fill:var(--line)}.table-wrap{overflow-x:auto}
-table{border-collapse:collapse;width:100%;font-size:.85rem}th,td{text-align:left;padding:6px 8px;
-border-bottom:1px solid var(--border);white-space:nowrap}code{font-family:ui-monospace,monospace}
-ol.timeline{margin:.4rem 0 0;padding-left:1.2rem;font-size:.85rem}
-@media print{body{background:#fff}.card{break-inside:avoid}}
+.latest-value{font-size:1.7rem;font-weight:650;margin:.25rem 0;overflow-wrap:anywhere}
+.stats{display:flex;flex-wrap:wrap;gap:2px 16px;font-size:.85rem;color:var(--muted)}
+.better{color:var(--good);font-weight:600}.worse{color:var(--bad);font-weight:600}
+.chart{width:100%;height:auto;display:block;margin-top:8px;overflow:visible}
+.chart .grid{stroke:var(--grid);stroke-width:1}.chart .axis{stroke:var(--muted);stroke-width:1}
+.chart .tick{fill:var(--muted);font-size:12px}.chart .line{fill:none;stroke:var(--line);stroke-width:2;stroke-linejoin:round}
+.chart .latest{fill:var(--line);stroke:var(--card);stroke-width:2}.chart .hover{fill:var(--text)}
+.tip{position:fixed;z-index:9;pointer-events:none;background:var(--text);color:var(--bg);padding:4px 8px;border-radius:6px;font-size:.8rem;white-space:nowrap}
+.table-wrap{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:.85rem}
+th,td{text-align:left;padding:6px 8px;border-bottom:1px solid var(--border);white-space:nowrap}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace}
+ol.timeline{margin:.4rem 0 0;padding-left:1.2rem;font-size:.85rem}ol.timeline li{overflow-wrap:anywhere}
+@media print{:root{--bg:#fff;--card:#fff;--text:#000;--muted:#444}.filters,.tip{display:none}.card{break-inside:avoid}}
 """
 
+# Progressive enhancement only: hover tooltips and a branch/date filter. Without it (JavaScript
+# off, or a CSP without this script's hash) every number, chart and table is still there.
+REPORT_JS = """(function(){
+var data=JSON.parse(document.getElementById('tm-data').textContent),tip=document.getElementById('tm-tip');
+var branch=document.getElementById('tm-branch'),since=document.getElementById('tm-since'),charts=[];
+function visible(b){var build=data.builds[b];return (!branch.value||data.branches[build[2]]===branch.value)&&(!since.value||build[1]>=since.value);}
+document.querySelectorAll('svg.chart').forEach(function(svg){
+ var d=data.charts[svg.getAttribute('data-metric')];if(!d)return;
+ var line=svg.querySelector('.line'),dot=svg.querySelector('.hover');
+ var pts=line.getAttribute('points').split(' ').map(function(p){var a=p.split(',');return[+a[0],+a[1]];});
+ var chart={svg:svg,d:d,line:line,pts:pts,all:line.getAttribute('points')};charts.push(chart);
+ svg.addEventListener('mousemove',function(e){
+  var r=svg.getBoundingClientRect(),x=(e.clientX-r.left)*svg.viewBox.baseVal.width/r.width,best=-1,gap=1e9;
+  for(var i=0;i<pts.length;i++){if(!visible(d.b[i]))continue;var g=Math.abs(pts[i][0]-x);if(g<gap){gap=g;best=i;}}
+  if(best<0)return;var b=data.builds[d.b[best]];
+  tip.textContent=d.v[best]+' \\u00b7 '+b[0]+' \\u00b7 '+b[1]+' UTC';tip.hidden=false;
+  tip.style.left=Math.min(e.clientX+12,window.innerWidth-tip.offsetWidth-4)+'px';tip.style.top=(e.clientY+14)+'px';
+  dot.setAttribute('cx',pts[best][0]);dot.setAttribute('cy',pts[best][1]);});
+ svg.addEventListener('mouseleave',function(){tip.hidden=true;dot.setAttribute('cx',-10);});
+});
+function apply(){charts.forEach(function(c){c.line.setAttribute('points',(!branch.value&&!since.value)?c.all:
+ c.pts.filter(function(p,i){return visible(c.d.b[i]);}).map(function(p){return p.join(',');}).join(' '));});
+ document.querySelectorAll('tr[data-branch]').forEach(function(row){row.hidden=(branch.value&&row.getAttribute('data-branch')!==branch.value)||(since.value&&row.getAttribute('data-time')<since.value);});}
+branch.addEventListener('change',apply);since.addEventListener('change',apply);
+document.getElementById('tm-filters').hidden=false;
+})();"""
 
-def render_report(history: History, configured: Sequence[MetricConfig], generated: dt.datetime,
-                  title: str) -> str:
-    """The whole report as one HTML document: no scripts, fonts or styles from anywhere else."""
+
+def csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+def render_report(builds: Sequence[tuple], series: Iterator[Series], generated: dt.datetime,
+                  title: str, branch: str | None = None, recent: int = 20) -> tuple[str, list[list[str]]]:
+    """The report as one HTML document — nothing is loaded from anywhere — and the job
+    summary's rows (metric, latest, previous, change)."""
     esc = html.escape
-    by_id = {metric.id: metric for metric in configured}
-    builds = history.builds
-    span = ""
-    if builds:
-        span = f"{esc(str(builds[0][6])[:10])} – {esc(str(builds[-1][6])[:10])}"
-    cards, labels = [], []
-    for definition in history.metrics:
-        metric = by_id.get(definition["id"])
-        series = history.values.get(definition["id"], [])
-        if not series:
+    times = [parse_time(build[6]) for build in builds]
+    first_recent = max(0, len(builds) - recent)
+    cells: dict[tuple[str, int], str] = {}
+    cards, labels, summary, shown = [], [], [], []
+    chart_data: dict[str, list[list]] = {}
+    referenced: set[int] = set()
+    for item in series:
+        if not item.points:
             continue
-        if definition["type"] == "numeric":
-            cards.append(_numeric_card(definition, metric, series, builds))
+        shown.append(item.id)
+        for index, value in item.points[-recent:]:
+            if index >= first_recent:
+                cells[(item.id, index)] = format_value(value, item.unit)
+        if item.type == "numeric":
+            drawn = downsample([(times[index], value, index) for index, value in item.points], 600)
+            chart_data[item.id] = [[p[2] for p in drawn], [format_value(p[1], item.unit) for p in drawn]]
+            referenced.update(p[2] for p in drawn)
+            cards.append(_numeric_card(item, drawn))
         else:
-            labels.append(_label_card(definition, metric, series, builds))
-    return (
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
-        "style-src 'unsafe-inline'; img-src data:\">"
-        f"<title>{esc(title)} · metrics</title><style>{REPORT_CSS}</style></head><body><main>"
-        f"<header><h1>{esc(title)}</h1><p class=\"muted\">{len(builds)} builds"
-        f"{' · ' + span if span else ''} · generated {generated.strftime('%Y-%m-%d %H:%M UTC')}"
-        f" by track_metrics {__version__}</p></header>"
-        f"<section class=\"cards\">{''.join(cards + labels) or '<p>No values recorded yet.</p>'}</section>"
-        f"{_builds_table(history, by_id)}</main></body></html>\n")
+            labels.append(_label_card(item, builds))
+        summary.append(_summary_row(item))
+    branches = sorted({str(build[2]) for build in builds})
+    branch_index = {name: index for index, name in enumerate(branches)}
+    data = {"branches": branches, "charts": chart_data, "builds": {
+        index: [str(builds[index][1])[:7], str(builds[index][6])[:16].replace("T", " "),
+                branch_index[str(builds[index][2])]] for index in sorted(referenced)}}
+    data_json = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+    span = (f"{esc(str(builds[0][6])[:10])} → {esc(str(builds[-1][6])[:10])}" if builds else "no builds yet")
+    options = "".join(f'<option>{esc(name)}</option>' for name in branches)
+    document = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+        f'style-src {csp_hash(REPORT_CSS)}; script-src {csp_hash(REPORT_JS)}; img-src data:">'
+        f'<title>{esc(title)} · metrics</title><style>{REPORT_CSS}</style></head><body><main>'
+        f'<header><h1>{esc(title)}</h1><p class="meta"><span>{len(builds):,} builds</span>'
+        f'<span>{span}</span><span>branch: {esc(branch) if branch else "all branches"}</span>'
+        f'<span>generated {generated.strftime("%Y-%m-%d %H:%M")} UTC by track_metrics {__version__}</span></p>'
+        '<p class="filters" id="tm-filters" hidden><label>Branch <select id="tm-branch">'
+        f'<option value="">all</option>{options}</select></label><label>Since '
+        '<input type="date" id="tm-since"></label></p></header>'
+        f'<section class="cards">{"".join(cards + labels) or "<p>No values recorded yet.</p>"}</section>'
+        f'{_builds_table(builds, shown, cells, first_recent)}</main>'
+        '<div class="tip" id="tm-tip" hidden></div>'
+        f'<script type="application/json" id="tm-data">{data_json}</script>'
+        f'<script>{REPORT_JS}</script></body></html>\n')
+    return document, summary
 
 
-def _card_head(definition: dict, metric: MetricConfig | None) -> str:
-    name = (metric.name if metric and metric.name else None) or definition["id"]
-    description = (metric.description if metric and metric.description else None) or definition["description"]
-    text = f"<h2>{html.escape(name)}</h2>"
-    if description:
-        text += f"<div class=\"muted\">{html.escape(description)}</div>"
+def _card_head(item: Series, kind: str) -> str:
+    text = f'<article class="card {kind}" id="metric-{html.escape(item.id)}"><h2>{html.escape(item.name)}</h2>'
+    if item.description:
+        text += f'<div class="muted">{html.escape(item.description)}</div>'
     return text
 
 
-def _numeric_card(definition, metric, series, builds) -> str:
-    unit = (metric.unit if metric and metric.unit else None) or definition["unit"]
-    numbers = [value for _, value in series]
-    latest = numbers[-1]
-    previous = numbers[-2] if len(numbers) > 1 else None
-    change, delta = format_change(latest, previous, unit)
-    direction = metric.direction if metric else "neutral"
+def _numeric_card(item: Series, drawn: Sequence[tuple[float, float, int]]) -> str:
+    numbers = [value for _, value in item.points]
+    latest, previous = numbers[-1], (numbers[-2] if len(numbers) > 1 else None)
+    change, delta = format_change(latest, previous, item.unit)
     mood = ""
-    if delta and direction != "neutral":
-        mood = "better" if (delta > 0) == (direction == "up") else "worse"
-    points = [(parse_time(builds[index][6]), value, index) for index, value in series]
-    return (f"<article class=\"card metric\" id=\"metric-{html.escape(definition['id'])}\">"
-            f"{_card_head(definition, metric)}"
-            f"<div class=\"latest-value\">{html.escape(format_value(latest, unit))}</div>"
-            f"<div class=\"stats\"><span class=\"{mood}\">{html.escape(change)}</span>"
-            f"<span>min {html.escape(format_value(min(numbers), unit))}</span>"
-            f"<span>max {html.escape(format_value(max(numbers), unit))}</span>"
-            f"<span>{len(numbers):,} points</span></div>"
-            f"{svg_chart(points, unit, definition['id'])}</article>")
+    if delta and item.direction != "neutral":
+        mood = "better" if (delta > 0) == (item.direction == "up") else "worse"
+    esc = html.escape
+    return (f'{_card_head(item, "metric")}<div class="latest-value">{esc(format_value(latest, item.unit))}</div>'
+            f'<div class="stats"><span class="change {mood}">{esc(change)}</span>'
+            f'<span>min {esc(format_value(min(numbers), item.unit))}</span>'
+            f'<span>max {esc(format_value(max(numbers), item.unit))}</span>'
+            f'<span>{len(numbers):,} points</span></div>{svg_chart(item, drawn)}</article>')
 
 
-def _label_card(definition, metric, series, builds) -> str:
-    changes = []
-    for index, value in series:
+def _label_card(item: Series, builds: Sequence[tuple]) -> str:
+    changes: list[tuple[int, Any]] = []
+    for index, value in item.points:
         if not changes or changes[-1][1] != value:
             changes.append((index, value))
+    esc = html.escape
     items = "".join(
-        f"<li><code>{html.escape(str(value))}</code> <span class=\"muted\">since "
-        f"{html.escape(str(builds[index][6])[:16].replace('T', ' '))} · "
-        f"{html.escape(str(builds[index][1])[:7])}</span></li>" for index, value in changes[-10:][::-1])
-    return (f"<article class=\"card label\" id=\"metric-{html.escape(definition['id'])}\">"
-            f"{_card_head(definition, metric)}"
-            f"<div class=\"latest-value\">{html.escape(str(series[-1][1]))}</div>"
-            f"<div class=\"stats\"><span>{len(changes)} changes in {len(series):,} builds</span></div>"
-            f"<ol class=\"timeline\">{items}</ol></article>")
+        f'<li><code>{esc(str(value))}</code> <span class="muted">since '
+        f'{esc(str(builds[index][6])[:16].replace("T", " "))} · {esc(str(builds[index][1])[:7])}</span></li>'
+        for index, value in changes[-10:][::-1])
+    return (f'{_card_head(item, "label")}<div class="latest-value">{esc(str(item.points[-1][1]))}</div>'
+            f'<div class="stats"><span>{len(changes)} changes in {len(item.points):,} builds</span></div>'
+            f'<ol class="timeline">{items}</ol></article>')
 
 
-def _builds_table(history: History, by_id: Mapping[str, MetricConfig], limit: int = 20) -> str:
-    if not history.builds:
+def _builds_table(builds: Sequence[tuple], shown: Sequence[str], cells: Mapping[tuple[str, int], str],
+                  first: int) -> str:
+    if not builds:
         return ""
-    recent = list(range(len(history.builds)))[-limit:][::-1]
-    wanted = set(recent)
-    cells: dict[tuple[str, int], Any] = {}
-    for metric_id, series in history.values.items():
-        for index, value in series:
-            if index in wanted:
-                cells[(metric_id, index)] = value
-    metric_ids = [m["id"] for m in history.metrics if history.values.get(m["id"])]
-    units = {m["id"]: (by_id[m["id"]].unit if m["id"] in by_id and by_id[m["id"]].unit else m["unit"])
-             for m in history.metrics}
-    head = "".join(f"<th>{html.escape(metric_id)}</th>" for metric_id in metric_ids)
+    esc = html.escape
+    head = "".join(f"<th>{esc(metric_id)}</th>" for metric_id in shown)
     rows = []
-    for index in recent:
-        _, commit, branch, _, run_number, _, timestamp = history.builds[index]
-        values = "".join(
-            f"<td>{html.escape(format_value(cells[(m, index)], units[m])) if (m, index) in cells else '–'}</td>"
-            for m in metric_ids)
-        rows.append(f"<tr><td><code>{html.escape(str(commit)[:7])}</code></td><td>{html.escape(str(branch))}"
-                    f"</td><td>#{html.escape(str(run_number))}</td><td>"
-                    f"{html.escape(str(timestamp)[:16].replace('T', ' '))}</td>{values}</tr>")
-    return (f"<section class=\"card\"><h2>Recent builds</h2><div class=\"table-wrap\"><table>"
-            f"<thead><tr><th>commit</th><th>branch</th><th>run</th><th>time (UTC)</th>{head}</tr>"
-            f"</thead><tbody>{''.join(rows)}</tbody></table></div></section>")
+    for index in range(len(builds) - 1, first - 1, -1):
+        _, commit, branch, _, run_number, _, timestamp = builds[index]
+        when = str(timestamp)[:16].replace("T", " ")
+        values = "".join(f"<td>{esc(cells.get((metric_id, index), '–'))}</td>" for metric_id in shown)
+        rows.append(f'<tr data-branch="{esc(str(branch))}" data-time="{esc(when)}"><td><code>'
+                    f'{esc(str(commit)[:7])}</code></td><td>{esc(str(branch))}</td><td>#{esc(str(run_number))}'
+                    f'</td><td>{esc(when)}</td>{values}</tr>')
+    return (f'<section class="card"><h2>Recent builds</h2><div class="table-wrap"><table><thead><tr>'
+            f'<th>commit</th><th>branch</th><th>run</th><th>time (UTC)</th>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div></section>')
 
 
-def write_report(database: Path, report_dir: Path, configured: Sequence[MetricConfig],
-                 title: str, secrets: Sequence[str]) -> Path:
-    document = render_report(load_history(database), configured, dt.datetime.now(dt.timezone.utc), title)
+def _summary_row(item: Series) -> list[str]:
+    latest = item.points[-1][1]
+    previous = item.points[-2][1] if len(item.points) > 1 else None
+    if previous is None:
+        change = "–"
+    elif item.type == "numeric":
+        change = format_change(latest, previous, item.unit)[0]
+    else:
+        change = "changed" if previous != latest else "–"
+    return [item.name, format_value(latest, item.unit),
+            format_value(previous, item.unit) if previous is not None else "–", change]
+
+
+def summary_markdown(rows: Sequence[Sequence[str]]) -> str:
+    """The job summary: metric, latest, previous, change."""
+    lines = ["### Metrics", "", "| Metric | Latest | Previous | Change |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(database: Path, report_dir: Path, configured: Sequence[MetricConfig], title: str,
+                 secrets: Sequence[str], branch: str | None = None) -> tuple[Path, str]:
+    """Write `<report_dir>/index.html` atomically; return its path and the job summary."""
+    connection = open_database(database)
+    try:
+        builds, series = read_history(connection, configured, branch)
+        document, rows = render_report(builds, series, now_utc(), title, branch)
+    finally:
+        connection.close()
     report_dir.mkdir(parents=True, exist_ok=True)
-    target = report_dir / "index.html"
-    staging = report_dir / ".index.html.tmp"
+    target, staging = report_dir / "index.html", report_dir / ".index.html.tmp"
     staging.write_text(redact(document, secrets), encoding="utf-8")
     os.replace(staging, target)
-    return target
-
-
-def summary_markdown(history: History, configured: Sequence[MetricConfig]) -> str:
-    """The job summary: metric, latest, previous, change."""
-    by_id = {metric.id: metric for metric in configured}
-    rows = ["### Metrics", "", "| Metric | Latest | Previous | Change |", "|---|---|---|---|"]
-    for definition in history.metrics:
-        series = history.values.get(definition["id"], [])
-        if not series:
-            continue
-        metric = by_id.get(definition["id"])
-        unit = (metric.unit if metric and metric.unit else None) or definition["unit"]
-        name = (metric.name if metric and metric.name else None) or definition["id"]
-        latest = series[-1][1]
-        previous = series[-2][1] if len(series) > 1 else None
-        if definition["type"] == "numeric":
-            change = format_change(latest, previous, unit)[0] if previous is not None else "–"
-        else:
-            change = "changed" if previous is not None and previous != latest else "–"
-        cells = [name, format_value(latest, unit),
-                 format_value(previous, unit) if previous is not None else "–", change]
-        rows.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
-    return "\n".join(rows) + "\n"
+    return target, summary_markdown(rows)
 
 
 # ============================================================================================
@@ -2096,14 +2153,14 @@ class TrackingRun:
     def report(self) -> None:
         with self.phase("report") as phase:
             try:
-                path = write_report(self.working, self.params.report_dir, self.config.metrics,
-                                    self.environ.get("GITHUB_REPOSITORY") or self.params.database_key,
-                                    self.console.secrets)
+                title = (self.environ.get("GITHUB_REPOSITORY") or self.environ.get("CI_PROJECT_PATH")
+                         or self.params.workdir.resolve().name or self.params.database_key)
+                path, summary = write_report(self.working, self.params.report_dir, self.config.metrics,
+                                             title, self.console.secrets, self.params.report_branch)
                 summary_path = self.environ.get("GITHUB_STEP_SUMMARY")
                 if summary_path:
                     with open(summary_path, "a", encoding="utf-8") as handle:
-                        handle.write(self.console.redact(
-                            summary_markdown(load_history(self.working), self.config.metrics)))
+                        handle.write(self.console.redact(summary))
             except (OSError, sqlite3.Error, ValueError) as exc:
                 raise TrackMetricsError("REPORT_FAILED", f"the report could not be written "
                                         f"({type(exc).__name__}: {exc}); the database is safe",
@@ -2239,6 +2296,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--region", help="default: us-east-1")
     add("--database-key", metavar="KEY", help=f"object key (default: {DEFAULT_DATABASE_KEY})")
     add("--report-dir", metavar="DIR", help=f"default: {DEFAULT_REPORT_DIR}")
+    add("--report-branch", metavar="BRANCH", help="draw only this branch's builds (default: all)")
     add("--access-key-id", help="prefer the AWS_ACCESS_KEY_ID environment variable")
     add("--secret-access-key", help="prefer AWS_SECRET_ACCESS_KEY: command lines are visible")
     add("--session-token", help="prefer AWS_SESSION_TOKEN")
