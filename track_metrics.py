@@ -1595,24 +1595,20 @@ def downsample(points: Sequence[tuple], limit: int = 1000) -> list[tuple]:
 
 
 def nice_ticks(low: float, high: float, count: int = 4) -> list[float]:
+    """Round tick values from at or below `low` to at or above `high`."""
     if low == high:
         low, high = low - (abs(low) * 0.1 or 1), high + (abs(high) * 0.1 or 1)
     raw = (high - low) / count
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    start = math.floor(low / step) * step
-    ticks = []
-    value = start
-    while value <= high + step * 0.5 and len(ticks) < 12:
-        ticks.append(round(value, 10))
-        value += step
-    return ticks
+    first, last = math.floor(low / step), math.ceil(high / step)
+    return [round(index * step, 10) for index in range(first, last + 1)]
 
 
 def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str:
     """An inline SVG line chart of (time, value, build index) points: axes, gridlines, tick
     labels and a marker on the latest point. `points` are already downsampled for drawing."""
-    width, height, left, right, top, bottom = 720, 220, 76, 14, 12, 28
+    width, height, left, right, top, bottom = 600, 240, 6, 6, 24, 30
     values = [p[1] for p in series.points]
     ticks = nice_ticks(min(values), max(values))
     y_low, y_high = ticks[0], ticks[-1]
@@ -1629,22 +1625,23 @@ def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str
     esc = html.escape
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" data-metric="{esc(series.id)}" '
              f'aria-label="{esc(series.name)}: {len(values)} values over time">']
-    for tick in ticks:
+    for tick in ticks:  # labels sit on their gridlines, inside the plot: no margin to size
         parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" '
-                     f'y2="{y(tick):.1f}"/><text class="tick" x="{left - 6}" y="{y(tick) + 4:.1f}" '
-                     f'text-anchor="end">{esc(format_value(tick, series.unit))}</text>')
-    parts.append(f'<line class="axis" x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}"/>')
+                     f'y2="{y(tick):.1f}"/><text class="tick" x="{left}" y="{y(tick) - 4:.1f}">'
+                     f'{esc(format_value(tick, series.unit))}</text>')
+    parts.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{height - bottom}" '
+                 f'y2="{height - bottom}"/>')
     for index in range(4):
         moment = t_low + (t_high - t_low) * index / 3
         label = dt.datetime.fromtimestamp(moment, dt.timezone.utc).strftime("%Y-%m-%d")
-        parts.append(f'<text class="tick" x="{x(moment):.1f}" y="{height - 8}" text-anchor='
+        parts.append(f'<text class="tick" x="{x(moment):.1f}" y="{height - 6}" text-anchor='
                      f'"{("start", "middle", "middle", "end")[index]}">{label}</text>')
     line = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v, _ in points)
     parts.append(f'<polyline class="line" points="{line}"/>')
     last_t, last_v, _ = points[-1]
     parts.append(f'<circle class="latest" cx="{x(last_t):.1f}" cy="{y(last_v):.1f}" r="4.5">'
                  f'<title>latest: {esc(format_value(last_v, series.unit))}</title></circle>'
-                 '<circle class="hover" r="4" cx="-10" cy="-10"/></svg>')
+                 '<circle class="hover" r="0" cx="0" cy="0"/></svg>')
     return "".join(parts)
 
 
@@ -1653,7 +1650,7 @@ REPORT_CSS = """
 --good:#15803d;--bad:#b91c1c;--border:#e2e5ea;color-scheme:light dark}
 @media (prefers-color-scheme:dark){:root{--bg:#101216;--card:#1a1d23;--text:#e9ebef;--muted:#9aa1ad;
 --line:#6ea8fe;--grid:#2b2f37;--good:#4ade80;--bad:#f87171;--border:#2b2f37}}
-*{box-sizing:border-box}html{-webkit-text-size-adjust:100%}
+*{box-sizing:border-box}[hidden]{display:none!important}html{-webkit-text-size-adjust:100%}
 body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:var(--bg);color:var(--text)}
 main{max-width:1400px;margin:0 auto;padding:16px}h1{font-size:1.35rem;margin:0 0 .2rem;overflow-wrap:anywhere}
 h2{font-size:1rem;margin:0}.muted{color:var(--muted)}.meta{display:flex;flex-wrap:wrap;gap:2px 16px;margin:0;color:var(--muted)}
@@ -1666,7 +1663,7 @@ h2{font-size:1rem;margin:0}.muted{color:var(--muted)}.meta{display:flex;flex-wra
 .better{color:var(--good);font-weight:600}.worse{color:var(--bad);font-weight:600}
 .chart{width:100%;height:auto;display:block;margin-top:8px;overflow:visible}
 .chart .grid{stroke:var(--grid);stroke-width:1}.chart .axis{stroke:var(--muted);stroke-width:1}
-.chart .tick{fill:var(--muted);font-size:12px}.chart .line{fill:none;stroke:var(--line);stroke-width:2;stroke-linejoin:round}
+.chart .tick{fill:var(--muted);font-size:13px}@media (max-width:640px){.chart .tick{font-size:21px}}.chart .line{fill:none;stroke:var(--line);stroke-width:2;stroke-linejoin:round}
 .chart .latest{fill:var(--line);stroke:var(--card);stroke-width:2}.chart .hover{fill:var(--text)}
 .tip{position:fixed;z-index:9;pointer-events:none;background:var(--text);color:var(--bg);padding:4px 8px;border-radius:6px;font-size:.8rem;white-space:nowrap}
 .table-wrap{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:.85rem}
@@ -1693,8 +1690,8 @@ document.querySelectorAll('svg.chart').forEach(function(svg){
   if(best<0)return;var b=data.builds[d.b[best]];
   tip.textContent=d.v[best]+' \\u00b7 '+b[0]+' \\u00b7 '+b[1]+' UTC';tip.hidden=false;
   tip.style.left=Math.min(e.clientX+12,window.innerWidth-tip.offsetWidth-4)+'px';tip.style.top=(e.clientY+14)+'px';
-  dot.setAttribute('cx',pts[best][0]);dot.setAttribute('cy',pts[best][1]);});
- svg.addEventListener('mouseleave',function(){tip.hidden=true;dot.setAttribute('cx',-10);});
+  dot.setAttribute('cx',pts[best][0]);dot.setAttribute('cy',pts[best][1]);dot.setAttribute('r',4);});
+ svg.addEventListener('mouseleave',function(){tip.hidden=true;dot.setAttribute('r',0);});
 });
 function apply(){charts.forEach(function(c){c.line.setAttribute('points',(!branch.value&&!since.value)?c.all:
  c.pts.filter(function(p,i){return visible(c.d.b[i]);}).map(function(p){return p.join(',');}).join(' '));});
@@ -1717,7 +1714,7 @@ def render_report(builds: Sequence[tuple], series: Iterator[Series], generated: 
     first_recent = max(0, len(builds) - recent)
     cells: dict[tuple[str, int], str] = {}
     cards, labels, summary, shown = [], [], [], []
-    chart_data: dict[str, list[list]] = {}
+    chart_data: dict[str, dict[str, list]] = {}
     referenced: set[int] = set()
     for item in series:
         if not item.points:
@@ -1728,7 +1725,7 @@ def render_report(builds: Sequence[tuple], series: Iterator[Series], generated: 
                 cells[(item.id, index)] = format_value(value, item.unit)
         if item.type == "numeric":
             drawn = downsample([(times[index], value, index) for index, value in item.points], 600)
-            chart_data[item.id] = [[p[2] for p in drawn], [format_value(p[1], item.unit) for p in drawn]]
+            chart_data[item.id] = {"b": [p[2] for p in drawn], "v": [format_value(p[1], item.unit) for p in drawn]}
             referenced.update(p[2] for p in drawn)
             cards.append(_numeric_card(item, drawn))
         else:

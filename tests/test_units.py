@@ -194,3 +194,12 @@ def test_the_examples_are_valid():
     assert (TOOL.parent / step["with"]["config-file"]).exists()
     job = yaml.safe_load((examples / "gitlab-ci.yml").read_text())["metrics"]
     assert any("track_metrics.py --config examples/typical/unentropy.json" in line for line in job["script"])
+
+
+@pytest.mark.parametrize("low, high", [(0, 1), (68.7, 129.3), (195_300, 488_300), (5, 5), (-3, 7), (0.001, 0.002)])
+def test_ticks_cover_the_range_with_round_steps(low, high):
+    ticks = tm.nice_ticks(low, high)
+    assert ticks[0] <= low and ticks[-1] >= high
+    assert 2 <= len(ticks) <= 8
+    steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:])}
+    assert len(steps) == 1

@@ -1,0 +1,128 @@
+"""The HTML report: self-contained, escaped, correct numbers, fast to draw at any history length."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import sqlite3
+
+from conftest import SIMPLE_METRICS, get_object, write_config
+from history import make_history, metric_configs
+
+
+def report_of(tmp_path) -> str:
+    return (tmp_path / "unentropy-report" / "index.html").read_text()
+
+
+def config_for(tmp_path, metrics=None):
+    import json
+    metrics = metrics or {m.id: {"type": m.type, "command": "echo 1", **({"unit": m.unit} if m.unit else {}),
+                                 "direction": m.direction, "name": m.name} for m in metric_configs()}
+    path = tmp_path / "unentropy.json"
+    path.write_text(json.dumps({"metrics": metrics}))
+    return path
+
+
+def test_report_command_regenerates_from_s3_without_collecting(run_cli, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    for _ in range(2):
+        assert run_cli.track(config).returncode == 0
+    before = get_object(s3_server, bucket)
+    broken = write_config(tmp_path, dict(SIMPLE_METRICS, coverage={"type": "numeric", "command": "exit 1"}))
+    result = run_cli("report", "--config", str(broken), *run_cli.s3_args(), "--report-dir",
+                     str(tmp_path / "again"), "--json")
+    assert result.returncode == 0, result.output
+    phases = {p["name"]: p["status"] for p in result.json()["phases"]}
+    assert phases == {"download": "completed", "validate": "completed", "collect": "skipped",
+                      "upload": "skipped", "report": "completed"}
+    assert get_object(s3_server, bucket) == before
+    assert "2 builds" in (tmp_path / "again" / "index.html").read_text()
+
+
+def test_everything_from_commands_config_and_database_is_escaped(run_local, tmp_path):
+    evil = '<script>alert("x")</script>'
+    metrics = {"status": {"type": "label", "command": f"echo '{evil}'", "name": "<b>Status</b>",
+                          "description": "<img src=x onerror=alert(1)>"},
+               "size": {"type": "numeric", "command": "echo 5", "unit": "<i>u"}}
+    config = write_config(tmp_path, metrics)
+    result = run_local("--config", str(config), "--local-db", str(tmp_path / "m.db"),
+                       "--branch", '"><svg onload=alert(2)>', "--commit", "<c0mmit>")
+    assert result.returncode == 0, result.output
+    html = report_of(tmp_path)
+    for raw in (evil, "<b>Status</b>", "<img src=x", "<svg onload", "<c0mmit", "<i>u"):
+        assert raw not in html
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
+    assert "&lt;b&gt;Status&lt;/b&gt;" in html
+
+
+def test_the_report_loads_nothing_and_its_csp_matches_its_inline_code(run_local, tmp_path):
+    make_history(tmp_path / "h.db", 50, metric_configs())
+    result = run_local("report", "--config", str(config_for(tmp_path)), "--local-db", str(tmp_path / "h.db"))
+    assert result.returncode == 0, result.output
+    html = report_of(tmp_path)
+    assert not re.search(r"\b(src|href)\s*=", html)
+    assert "http://" not in html and "https://" not in html and "url(" not in html and "@import" not in html
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', html).group(1)
+    assert "default-src 'none'" in csp
+    for tag, directive in (("style", "style-src"), ("script", "script-src")):
+        body = re.search(rf"<{tag}>(.*?)</{tag}>", html, re.S).group(1)
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        assert f"{directive} 'sha256-{digest}'" in csp
+
+
+def test_long_histories_are_downsampled_for_drawing_but_summarised_in_full(run_local, tmp_path):
+    database = make_history(tmp_path / "h.db", 3000, metric_configs())
+    connection = sqlite3.connect(database)
+    connection.execute("UPDATE metric_values SET value_numeric = 999999 WHERE metric_id = 'lines-of-code'"
+                       " AND build_id = 1234")
+    connection.commit()
+    connection.close()
+    result = run_local("report", "--config", str(config_for(tmp_path)), "--local-db", str(database))
+    assert result.returncode == 0, result.output
+    html = report_of(tmp_path)
+    card = html[html.index('id="metric-lines-of-code"'):]
+    card = card[:card.index("</article>")]
+    points = re.search(r'<polyline class="line" points="([^"]+)"', card).group(1).split()
+    assert 300 <= len(points) <= 1000
+    assert "3,000 points" in card and "max 999,999" in card
+    ys = [float(p.split(",")[1]) for p in points]
+    assert min(ys) < 40  # the spike is still drawn (near the top of the plot)
+
+
+def test_changes_are_coloured_by_the_metrics_direction(run_local, tmp_path):
+    database = tmp_path / "m.db"
+    for value in ("10", "12"):
+        metrics = {"coverage": {"type": "numeric", "command": f"echo {value}", "direction": "up"},
+                   "bundle": {"type": "numeric", "command": f"echo {value}", "direction": "down"},
+                   "loc": {"type": "numeric", "command": f"echo {value}"}}
+        assert run_local("--config", str(write_config(tmp_path, metrics)), "--local-db", str(database)).returncode == 0
+    html = report_of(tmp_path)
+    def change_class(metric_id):
+        card = html[html.index(f'id="metric-{metric_id}"'):]
+        return re.search(r'<span class="change ?([a-z]*)">([^<]+)</span>', card).groups()
+    assert change_class("coverage") == ("better", "+2 (+20.0%)")
+    assert change_class("bundle") == ("worse", "+2 (+20.0%)")
+    assert change_class("loc") == ("", "+2 (+20.0%)")
+
+
+def test_the_report_can_show_one_branch(run_local, tmp_path):
+    make_history(tmp_path / "h.db", 200, metric_configs())
+    result = run_local("report", "--config", str(config_for(tmp_path)), "--local-db", str(tmp_path / "h.db"),
+                       "--report-branch", "main")
+    assert result.returncode == 0, result.output
+    html = report_of(tmp_path)
+    connection = sqlite3.connect(tmp_path / "h.db")
+    mains = connection.execute("SELECT COUNT(*) FROM build_contexts WHERE branch = 'main'").fetchone()[0]
+    connection.close()
+    assert f"{mains:,} builds" in html and "branch: main" in html
+    assert "feature/login</td>" not in html
+
+
+def test_label_metrics_show_when_they_changed(run_local, tmp_path):
+    database = tmp_path / "m.db"
+    for value in ("passing", "passing", "failing", "passing"):
+        config = write_config(tmp_path, {"status": {"type": "label", "command": f"echo {value}"}})
+        assert run_local("--config", str(config), "--local-db", str(database)).returncode == 0
+    html = report_of(tmp_path)
+    assert "3 changes in 4 builds" in html
+    assert html.count("<li><code>") == 3
