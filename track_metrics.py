@@ -1663,7 +1663,7 @@ h2{font-size:1rem;margin:0}.muted{color:var(--muted)}.meta{display:flex;flex-wra
 .better{color:var(--good);font-weight:600}.worse{color:var(--bad);font-weight:600}
 .chart{width:100%;height:auto;display:block;margin-top:8px;overflow:visible}
 .chart .grid{stroke:var(--grid);stroke-width:1}.chart .axis{stroke:var(--muted);stroke-width:1}
-.chart .tick{fill:var(--muted);font-size:13px}@media (max-width:640px){.chart .tick{font-size:21px}}.chart .line{fill:none;stroke:var(--line);stroke-width:2;stroke-linejoin:round}
+.chart .tick{fill:var(--muted);font-size:13px;paint-order:stroke;stroke:var(--card);stroke-width:4px;stroke-linejoin:round}@media (max-width:640px){.chart .tick{font-size:21px}}.chart .line{fill:none;stroke:var(--line);stroke-width:2;stroke-linejoin:round}
 .chart .latest{fill:var(--line);stroke:var(--card);stroke-width:2}.chart .hover{fill:var(--text)}
 .tip{position:fixed;z-index:9;pointer-events:none;background:var(--text);color:var(--bg);padding:4px 8px;border-radius:6px;font-size:.8rem;white-space:nowrap}
 .table-wrap{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:.85rem}

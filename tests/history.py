@@ -11,20 +11,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import track_metrics  # noqa: E402
 
-METRICS = [
-    ("coverage", "numeric", "percent", "Line coverage", "up"),
-    ("bundle-size", "numeric", "bytes", "Size of dist/app.js", "down"),
-    ("lines-of-code", "numeric", "integer", "Lines of code", "neutral"),
-    ("test-duration", "numeric", "duration", "Test suite wall time", "down"),
-    ("build-status", "label", None, "CI build status", "neutral"),
+METRICS = [  # id, type, unit, name, description, direction
+    ("coverage", "numeric", "percent", "Line coverage", "Lines run by the unit tests", "up"),
+    ("bundle-size", "numeric", "bytes", "Bundle size", "Size of dist/app.js", "down"),
+    ("lines-of-code", "numeric", "integer", "Lines of code", "Non-test source lines", "neutral"),
+    ("test-duration", "numeric", "duration", "Test duration", "Wall time of the test suite", "down"),
+    ("build-status", "label", None, "Build status", "CI build result", "neutral"),
 ]
 
 
 def metric_configs(count: int | None = None) -> list[track_metrics.MetricConfig]:
     """The metrics of `METRICS`, or `count` numeric ones (for scale tests)."""
     if count is None:
-        return [track_metrics.MetricConfig(m, k, "echo", u, d.split(" (")[0], d, None, direction)
-                for m, k, u, d, direction in METRICS]
+        return [track_metrics.MetricConfig(m, k, "echo", u, n, d, None, direction)
+                for m, k, u, n, d, direction in METRICS]
     units = ["percent", "bytes", "integer", "duration", "decimal"]
     return [track_metrics.MetricConfig(f"metric-{i:02d}", "numeric", "echo", units[i % 5], f"Metric {i}",
                                        None, None, ("up", "down", "neutral")[i % 3]) for i in range(count)]

@@ -29,7 +29,7 @@ def report(tmp_path_factory):
     import json
     (directory / "unentropy.json").write_text(json.dumps(config))
     result = subprocess.run([sys.executable, str(TOOL), "report", "--config", "unentropy.json",
-                             "--local-db", "history.db"], cwd=directory, env=base_environment(directory),
+                             "--local-db", "history.db"], cwd=directory, env=dict(base_environment(directory), GITHUB_REPOSITORY="acme/widget"),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return directory / "unentropy-report" / "index.html"
