@@ -63,6 +63,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import html
+import http.client
 import json
 import math
 import os
@@ -750,34 +751,36 @@ class Conflict(Exception):
     """The object changed since it was downloaded (HTTP 412/409 on a conditional write)."""
 
 
+class S3Error(Exception):
+    """An error answer from the storage: the S3 code from its XML body (or the HTTP status)."""
+
+    def __init__(self, status: int, code: str, message: str = ""):
+        super().__init__(f"{code or status}: {message}")
+        self.status, self.code, self.message = status, code or str(status), message
+
+    @property
+    def retryable(self) -> bool:
+        return self.status >= 500 or self.status == 429 or self.code in UNAVAILABLE_CODES
+
+
 AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
               "TokenRefreshRequired", "AuthorizationHeaderMalformed", "InvalidSecurity"}
 UNAVAILABLE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "Throttling",
-                     "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed", "503", "500"}
-CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+                     "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
 PERMISSION_FOR = {"GetObject": "s3:GetObject", "HeadObject": "s3:GetObject",
                   "PutObject": "s3:PutObject", "CopyObject": "s3:GetObject and s3:PutObject",
-                  "DeleteObject": "s3:DeleteObject", "HeadBucket": "s3:ListBucket",
-                  "ListObjectVersions": "s3:ListBucketVersions"}
+                  "DeleteObject": "s3:DeleteObject", "ListObjectVersions": "s3:ListBucketVersions"}
 
 
-def error_code(exc: BaseException) -> tuple[str, int]:
-    response = getattr(exc, "response", None) or {}
-    code = str(response.get("Error", {}).get("Code", ""))
-    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    return code, status
-
-
-def s3_error(exc: BaseException, action: str, target: str) -> TrackMetricsError:
-    """Classify a botocore exception into one of the S3_* codes, with what to check."""
-    from botocore.exceptions import ClientError
+def s3_error(exc: Exception, action: str, target: str) -> TrackMetricsError:
+    """Classify a failed request into one of the S3_* codes, with what to check."""
     details = {"action": action, "target": target}
-    if not isinstance(exc, ClientError):
+    if not isinstance(exc, S3Error):
         return TrackMetricsError(
             "S3_NETWORK", f"{action} {target}: network error ({type(exc).__name__}: {exc}); check "
             "the endpoint URL, DNS, TLS certificates and that the storage is reachable from this "
             "machine", retryable=True, details=details)
-    code, status = error_code(exc)
+    code, status = exc.code, exc.status
     details.update(s3_code=code, http_status=status)
     if code in AUTH_CODES:
         return TrackMetricsError(
@@ -793,14 +796,13 @@ def s3_error(exc: BaseException, action: str, target: str) -> TrackMetricsError:
         hint = (" (S3 also answers 403 instead of 404 for a missing object when s3:ListBucket is "
                 "not granted)" if action in ("GetObject", "HeadObject") else "")
         return TrackMetricsError(
-            "S3_ACCESS_DENIED", f"{action} {target}: access denied ({code or status}); the "
-            f"credentials need {permission} on this key{hint}", details=details)
-    if code in UNAVAILABLE_CODES or status >= 500 or status == 429:
+            "S3_ACCESS_DENIED", f"{action} {target}: access denied ({code}); the credentials "
+            f"need {permission} on this key{hint}", details=details)
+    if exc.retryable:
         return TrackMetricsError(
-            "S3_UNAVAILABLE", f"{action} {target}: the storage is unavailable ({code or status}) "
-            "after retries; try again later", retryable=True, details=details)
-    return TrackMetricsError("S3_ERROR", f"{action} {target}: {code or status}: "
-                             f"{exc.response.get('Error', {}).get('Message', '')}", details=details)
+            "S3_UNAVAILABLE", f"{action} {target}: the storage is unavailable ({code}) after "
+            "retries; try again later", retryable=True, details=details)
+    return TrackMetricsError("S3_ERROR", f"{action} {target}: {code}: {exc.message}", details=details)
 
 
 def check_upload_size(size: int) -> None:
@@ -836,61 +838,166 @@ def iso(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-WRONG_PRECONDITIONS = (("If-None-Match: * on an existing object", {"IfNoneMatch": "*"}),
-                       ("a wrong If-Match", {"IfMatch": '"0123456789abcdef0123456789abcdef"'}))
+class S3Client:
+    """The handful of S3 requests the tool makes, signed by botocore's SigV4 signer and sent
+    with http.client. A full botocore client would load service models and endpoint rules:
+    several times the start-up time and memory of everything else in a run.
+
+    Each request is retried on connection errors, timeouts, 5xx and throttling, with jittered
+    exponential backoff, up to `attempts` times (the same policy as botocore's standard mode).
+    No checksum headers beyond Content-MD5 are sent: several providers reject them."""
+
+    def __init__(self, params: ActionParameters, environ: Mapping[str, str]):
+        from urllib.parse import urlsplit
+        from botocore.auth import S3SigV4Auth
+        from botocore.credentials import Credentials
+        credentials = params.credentials
+        self.signer = S3SigV4Auth(Credentials(credentials.access_key_id, credentials.secret_access_key,
+                                              credentials.session_token), "s3", params.s3.region)
+        self.bucket = params.s3.bucket
+        endpoint = urlsplit(params.s3.endpoint or f"https://s3.{params.s3.region}.amazonaws.com")
+        self.scheme, self.netloc = endpoint.scheme, endpoint.netloc
+        self.base_path = endpoint.path.rstrip("/")
+        style = params.addressing_style
+        if style == "auto":  # virtual-hosted for AWS, except for dotted names TLS cannot cover
+            style = "virtual" if is_aws_endpoint(params.s3.endpoint) and "." not in self.bucket else "path"
+        self.virtual = style == "virtual"
+        self.attempts = params.retry_attempts
+        self.read_timeout = params.request_timeout
+        self.connect_timeout = min(10.0, params.request_timeout)
+        self.environ = environ
+        self._connection = None
+        self._connection_used = 0.0
+
+    def url(self, key: str, query: str = "") -> tuple[str, str]:
+        """(host, path-with-query) of a key in the bucket."""
+        from urllib.parse import quote
+        host = f"{self.bucket}.{self.netloc}" if self.virtual else self.netloc
+        path = self.base_path + ("" if self.virtual else "/" + self.bucket) + "/" + quote(key, safe="/~")
+        return host, path + (f"?{query}" if query else "")
+
+    def send(self, method: str, key: str, *, query: str = "", headers: Mapping[str, str] | None = None,
+             body: Any = None, stream: bool = False) -> http.client.HTTPResponse | tuple[int, dict, bytes]:
+        """One request with retries. A 2xx answer comes back as (status, headers, body), or as
+        the open response when `stream`; anything else raises S3Error or a network error."""
+        host, target = self.url(key, query)
+        for attempt in range(1, self.attempts + 1):
+            if hasattr(body, "seek"):
+                body.seek(0)
+            try:
+                response = self._send_once(method, host, target, dict(headers or {}), body)
+                if 200 <= response.status < 300:
+                    if stream:
+                        return response
+                    return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+                error = parse_error(response.status, response.read())
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if attempt == self.attempts:
+                    raise
+            else:
+                if not error.retryable or attempt == self.attempts:
+                    raise error
+            time.sleep(random.uniform(0, min(5.0, 0.1 * 2 ** attempt)))
+        raise AssertionError("unreachable")
+
+    def _send_once(self, method: str, host: str, target: str, headers: dict, body: Any):
+        from botocore.awsrequest import AWSRequest
+        headers["Host"] = host
+        headers["User-Agent"] = f"track_metrics/{__version__}"
+        request = AWSRequest(method=method, url=f"{self.scheme}://{host}{target}", data=body, headers=headers)
+        self.signer.add_auth(request)
+        connection, proxied = self._connect(host)
+        connection.putrequest(method, f"{self.scheme}://{host}{target}" if proxied else target,
+                              skip_host=True, skip_accept_encoding=True)
+        for name, value in request.headers.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        if body is not None:
+            connection.send(body)
+        response = connection.getresponse()
+        self._connection_used = time.monotonic()
+        return response
+
+    def _connect(self, host: str) -> tuple[http.client.HTTPConnection, bool]:
+        """One kept-alive connection (through HTTP(S)_PROXY when the environment names one)."""
+        if self._connection is not None and time.monotonic() - self._connection_used < 4:
+            return self._connection
+        self.close()
+        from urllib.request import getproxies_environment, proxy_bypass_environment
+        proxies = getproxies_environment() if not proxy_bypass_environment(host.split(":")[0]) else {}
+        proxy = proxies.get(self.scheme)
+        address = urlsplit_host(proxy) if proxy else host
+        if self.scheme == "https":
+            import ssl
+            context = ssl.create_default_context(cafile=self.environ.get("AWS_CA_BUNDLE") or None)
+            connection = http.client.HTTPSConnection(address, timeout=self.connect_timeout, context=context)
+            if proxy:
+                connection.set_tunnel(host)
+        else:
+            connection = http.client.HTTPConnection(address, timeout=self.connect_timeout)
+        connection.connect()
+        connection.sock.settimeout(self.read_timeout)
+        self._connection = (connection, bool(proxy) and self.scheme == "http")
+        return self._connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection[0].close()
+            self._connection = None
+
+
+def urlsplit_host(url: str) -> str:
+    from urllib.parse import urlsplit
+    return urlsplit(url if "//" in url else "//" + url).netloc
+
+
+def parse_error(status: int, body: bytes) -> S3Error:
+    """The Code and Message of an S3 XML error body (HEAD answers have none: the status stands)."""
+    code = message = ""
+    if body:
+        import xml.etree.ElementTree as ElementTree
+        try:
+            root = ElementTree.fromstring(body)
+            code, message = root.findtext("Code") or "", root.findtext("Message") or ""
+        except ElementTree.ParseError:
+            message = body[:200].decode("utf-8", "replace")
+    if not code:
+        code = {403: "AccessDenied", 404: "NotFound", 409: "ConditionalRequestConflict",
+                412: "PreconditionFailed"}.get(status, str(status))
+    return S3Error(status, code, message)
+
+
+WRONG_PRECONDITIONS = (("If-None-Match: * on an existing object", {"If-None-Match": "*"}),
+                       ("a wrong If-Match", {"If-Match": '"0123456789abcdef0123456789abcdef"'}))
 
 
 class S3Storage:
-    """The database object in an S3-compatible bucket, through one botocore client."""
+    """The database object in an S3-compatible bucket."""
 
-    def __init__(self, params: ActionParameters, console: Console, writer: str):
+    def __init__(self, params: ActionParameters, console: Console, writer: str,
+                 environ: Mapping[str, str] | None = None):
         self.params = params
         self.bucket = params.s3.bucket
         self.key = params.database_key
         self.location = params.location
         self.console = console
         self.writer = writer
-        self.client = self._make_client()
+        self.http = S3Client(params, os.environ if environ is None else environ)
 
-    def _make_client(self):
-        from botocore.config import Config as BotoConfig
-        from botocore.session import Session
-        params = self.params
-        style = params.addressing_style
-        if style == "auto" and not is_aws_endpoint(params.s3.endpoint):
-            style = "path"
-        config = BotoConfig(
-            region_name=params.s3.region, signature_version="s3v4",
-            s3={"addressing_style": style},
-            retries={"mode": "standard", "max_attempts": params.retry_attempts},
-            connect_timeout=min(10.0, params.request_timeout), read_timeout=params.request_timeout,
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            user_agent_extra=f"track_metrics/{__version__}")
-        credentials = params.credentials
-        return Session().create_client(
-            "s3", endpoint_url=params.s3.endpoint, config=config,
-            aws_access_key_id=credentials.access_key_id,
-            aws_secret_access_key=credentials.secret_access_key,
-            aws_session_token=credentials.session_token)
-
-    def _call(self, action: str, key: str, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError
-        method = getattr(self.client, re.sub(r"(?<!^)(?=[A-Z])", "_", action).lower())
+    def _call(self, action: str, method: str, key: str, **request: Any) -> tuple[int, dict, bytes]:
         try:
-            return method(Bucket=self.bucket, **kwargs)
-        except ClientError as exc:
-            code, status = error_code(exc)
-            if code in CONFLICT_CODES or status in (409, 412):
-                raise Conflict(code or str(status)) from exc
+            return self.http.send(method, key, **request)
+        except S3Error as exc:
+            if exc.status in (409, 412):
+                raise Conflict(exc.code) from exc
             raise s3_error(exc, action, f"s3://{self.bucket}/{key}") from exc
-        except BotoCoreError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise s3_error(exc, action, f"s3://{self.bucket}/{key}") from exc
 
     def fetch(self, dest: Path, key: str | None = None, version_id: str | None = None) -> DatabaseFile | None:
         """Download an object into `dest`; None only when the key does not exist (NoSuchKey).
-
-        botocore retries requests, never an error while reading a body: that is done here."""
+        Requests are retried by S3Client; an error while reading the body is retried here."""
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
                 return self._fetch_once(dest, key or self.key, version_id)
@@ -903,49 +1010,49 @@ class S3Storage:
         raise AssertionError("unreachable")
 
     def _fetch_once(self, dest: Path, key: str, version_id: str | None) -> DatabaseFile | None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from urllib.parse import quote
         location = f"s3://{self.bucket}/{key}"
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=key,
-                                              **({"VersionId": version_id} if version_id else {}))
-        except ClientError as exc:
-            if error_code(exc)[0] == "NoSuchKey":
+            response = self.http.send("GET", key, stream=True,
+                                      query=f"versionId={quote(version_id, safe='')}" if version_id else "")
+        except S3Error as exc:
+            if exc.code == "NoSuchKey":
                 return None
             raise s3_error(exc, "GetObject", location) from exc
-        except BotoCoreError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise s3_error(exc, "GetObject", location) from exc
-        body = response["Body"]
-        expected = int(response.get("ContentLength", -1))
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        expected = int(headers.get("content-length", -1))
         digest, size = hashlib.sha256(), 0
         try:
             with open(dest, "wb") as handle:
-                while chunk := body.read(CHUNK_SIZE):
+                while chunk := response.read(CHUNK_SIZE):
                     handle.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
-        except (BotoCoreError, OSError, ValueError) as exc:
-            if isinstance(exc, OSError) and exc.errno is not None:
+        except (OSError, http.client.HTTPException) as exc:
+            self.http.close()
+            if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, ConnectionError):
                 raise  # a local disk problem, not the network's
             raise TrackMetricsError("S3_NETWORK", f"reading the body of {location} failed "
                                     f"after {size} bytes: {type(exc).__name__}", retryable=True)
-        finally:
-            body.close()
-        metadata = {k.lower(): v for k, v in (response.get("Metadata") or {}).items()}
         sha256 = digest.hexdigest()
+        metadata = object_metadata(headers)
         if expected >= 0 and size != expected:
+            self.http.close()
             raise TrackMetricsError("CHECKSUM_MISMATCH", f"{location}: received {size} bytes "
                                     f"of {expected}", retryable=True)
         if metadata.get("sha256") and metadata["sha256"] != sha256:
             raise TrackMetricsError("CHECKSUM_MISMATCH", f"{location}: SHA-256 of the "
                                     f"downloaded bytes is {sha256}, the object's metadata says "
                                     f"{metadata['sha256']}", retryable=True)
-        return DatabaseFile(key, size, iso(response.get("LastModified")), response.get("ETag"),
-                            response.get("VersionId"), sha256, location, metadata)
+        return DatabaseFile(key, size, headers.get("last-modified"), headers.get("etag"),
+                            headers.get("x-amz-version-id"), sha256, location, metadata)
 
     def stat(self, key: str) -> dict | None:
-        """HEAD an object; None for 404. Only use after the bucket is known to exist."""
+        """HEAD an object: its headers, None for 404. Only after the bucket is known to exist."""
         try:
-            return self._call("HeadObject", key, Key=key)
+            return self._call("HeadObject", "HEAD", key)[1]
         except TrackMetricsError as exc:
             if exc.details.get("http_status") == 404:
                 return None
@@ -955,23 +1062,20 @@ class S3Storage:
               size: int, generation: int) -> UploadResult:
         """One streaming PUT from the file, conditional on the object we started from."""
         check_upload_size(size)
-        condition = {}
+        headers = {"Content-Length": str(size), "Content-MD5": md5, "Content-Type": CONTENT_TYPE,
+                   "x-amz-meta-sha256": sha256, "x-amz-meta-tool-version": __version__,
+                   "x-amz-meta-writer": self.writer, "x-amz-meta-generation": str(generation)}
         if self.params.conditional_writes:
-            condition = {"IfMatch": previous.etag} if previous else {"IfNoneMatch": "*"}
-        metadata = {"sha256": sha256, "tool-version": __version__, "writer": self.writer,
-                    "generation": str(generation)}
-        if self.params.conditional_writes:
-            metadata["conditional-writes"] = self.verdict
+            headers["x-amz-meta-conditional-writes"] = self.verdict
+            headers.update({"If-Match": previous.etag} if previous else {"If-None-Match": "*"})
         try:
             with open(path, "rb") as body:
-                response = self._call("PutObject", self.key, Key=self.key, Body=body,
-                                      ContentLength=size, ContentMD5=md5, ContentType=CONTENT_TYPE,
-                                      Metadata=metadata, **condition)
+                response = self._call("PutObject", "PUT", self.key, headers=headers, body=body)[1]
         except Conflict:
             # A retried PUT can land and still answer 412: look before calling it a conflict.
             head = self.stat(self.key)
-            if head and head.get("Metadata", {}).get("writer") == self.writer \
-                    and head["Metadata"].get("sha256") == sha256:
+            metadata = object_metadata(head or {})
+            if head and metadata.get("writer") == self.writer and metadata.get("sha256") == sha256:
                 response = head
             else:
                 raise
@@ -986,11 +1090,11 @@ class S3Storage:
         if head is None:
             raise TrackMetricsError("S3_UPLOAD_UNVERIFIED", f"{self.location} is missing right "
                                     "after the upload; the collected database is kept locally")
-        metadata = head.get("Metadata", {})
+        metadata = object_metadata(head)
         ours = metadata.get("writer") == self.writer and metadata.get("sha256") == sha256
-        if ours and int(head.get("ContentLength", -1)) != size:
+        if ours and int(head.get("content-length", -1)) != size:
             raise TrackMetricsError("S3_UPLOAD_UNVERIFIED", f"{self.location} holds "
-                                    f"{head.get('ContentLength')} bytes after uploading {size}")
+                                    f"{head.get('content-length')} bytes after uploading {size}")
         if not ours and self.params.conditional_writes:
             # Another run wrote on top of ours, which it can only do by If-Match on our ETag.
             self.console.info("upload: a concurrent run has already updated the object after ours")
@@ -998,17 +1102,22 @@ class S3Storage:
             raise TrackMetricsError("S3_UPLOAD_UNVERIFIED", f"{self.location} does not hold this "
                                     "run's upload (another writer replaced it; without conditional "
                                     "writes its builds may have been lost)")
-        return UploadResult(self.key, response.get("ETag"), response.get("VersionId"), size,
-                            iso(head.get("LastModified")), sha256)
+        return UploadResult(self.key, response.get("etag"), response.get("x-amz-version-id"), size,
+                            head.get("last-modified"), sha256)
 
     def copy(self, previous: DatabaseFile, target: str) -> None:
         """Server-side copy of exactly the version that was downloaded (412 if it changed)."""
-        source = {"Bucket": self.bucket, "Key": self.key}
+        from urllib.parse import quote
+        source = f"/{self.bucket}/{quote(self.key, safe='/~')}"
         if previous.version_id:
-            source["VersionId"] = previous.version_id
-        condition = {"CopySourceIfMatch": previous.etag} if previous.etag else {}
-        self._call("CopyObject", target, Key=target, CopySource=source, MetadataDirective="COPY",
-                   **condition)
+            source += f"?versionId={quote(previous.version_id, safe='')}"
+        headers = {"x-amz-copy-source": source, "x-amz-metadata-directive": "COPY"}
+        if previous.etag:
+            headers["x-amz-copy-source-if-match"] = previous.etag
+        _, _, body = self._call("CopyObject", "PUT", target, headers=headers)
+        if b"<Error>" in body[:512]:  # S3 can answer a failed copy with 200 and an error body
+            error = parse_error(500, body)
+            raise s3_error(error, "CopyObject", f"s3://{self.bucket}/{target}")
 
     def backup(self, previous: DatabaseFile) -> None:
         """Keep the version about to be replaced as `<key>.bak`."""
@@ -1026,14 +1135,13 @@ class S3Storage:
     def put_probe(self, **condition: str) -> bool:
         """PUT the probe object; False when the provider refused the precondition (412/409)."""
         try:
-            self._call("PutObject", self.probe_key, Key=self.probe_key, Body=b"track_metrics probe",
-                       **condition)
+            self._call("PutObject", "PUT", self.probe_key, headers=condition, body=b"track_metrics probe")
             return True
         except Conflict:
             return False
 
     def delete_probe(self) -> None:
-        self._call("DeleteObject", self.probe_key, Key=self.probe_key)
+        self._call("DeleteObject", "DELETE", self.probe_key)
 
     def probe_conditional_writes(self) -> list[str]:
         """Which deliberately wrong preconditions the provider accepted (none is the only good
@@ -1046,10 +1154,23 @@ class S3Storage:
 
     def older_versions(self) -> list[str]:
         """Version ids of the database key, newest first, without the current one."""
-        response = self._call("ListObjectVersions", self.key, Prefix=self.key)
-        versions = [v for v in response.get("Versions", []) if v["Key"] == self.key and not v["IsLatest"]]
-        versions.sort(key=lambda v: v["LastModified"], reverse=True)
-        return [v["VersionId"] for v in versions if v.get("VersionId") not in (None, "null")]
+        import xml.etree.ElementTree as ElementTree  # the storage's own answer, not user data
+        from urllib.parse import quote
+        body = self._call("ListObjectVersions", "GET", "", query=f"prefix={quote(self.key, safe='')}&versions")[2]
+        versions = []
+        for version in ElementTree.fromstring(body).iter():
+            if version.tag.rsplit("}", 1)[-1] != "Version":
+                continue
+            fields = {child.tag.rsplit("}", 1)[-1]: child.text or "" for child in version}
+            if fields.get("Key") == self.key and fields.get("IsLatest") != "true" \
+                    and fields.get("VersionId") not in ("", "null"):
+                versions.append(fields["VersionId"])
+        return versions  # S3 lists a key's versions newest first
+
+
+def object_metadata(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name[len("x-amz-meta-"):]: value for name, value in headers.items()
+            if name.lower().startswith("x-amz-meta-")}
 
 
 class LocalStorage:
@@ -1982,7 +2103,7 @@ class TrackingRun:
             if self.params.local_db is not None:
                 self.storage = LocalStorage(self.params.local_db)
             else:
-                self.storage = S3Storage(self.params, self.console, self.writer)
+                self.storage = S3Storage(self.params, self.console, self.writer, self.environ)
             self.expected = self.storage.fetch(self.workspace / "downloaded.db")
             if self.expected is None:
                 phase.metadata["first_run"] = True
@@ -2234,12 +2355,9 @@ def diagnose(storage: S3Storage) -> list[tuple[str, str, str]]:
         return rows + [(name, "skipped", "") for name in names[len(rows):]]
 
     try:
-        storage.client.get_object(Bucket=storage.bucket, Key=storage.key, Range="bytes=0-15")["Body"].close()
-    except Exception as exc:  # classified below; anything else is a real bug and re-raised
-        from botocore.exceptions import BotoCoreError, ClientError
-        if not isinstance(exc, (BotoCoreError, ClientError)):
-            raise
-        if error_code(exc)[0] not in ("NoSuchKey", "InvalidRange"):
+        storage.http.send("GET", storage.key, headers={"Range": "bytes=0-15"})
+    except (S3Error, OSError, http.client.HTTPException) as exc:
+        if getattr(exc, "code", None) not in ("NoSuchKey", "InvalidRange"):
             error = s3_error(exc, "GetObject", storage.location)
             stage = {"S3_NETWORK": 0, "S3_AUTH_FAILED": 1, "S3_BUCKET_NOT_FOUND": 2}.get(error.code, 3)
             rows.extend((name, "ok", "") for name in names[:stage])
