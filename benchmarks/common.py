@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "track_metrics.py"
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 KEYS = {"AWS_ACCESS_KEY_ID": "benchmark", "AWS_SECRET_ACCESS_KEY": "benchmark-secret"}
 
 
@@ -36,12 +36,20 @@ def client(endpoint: str):
                         aws_secret_access_key=KEYS["AWS_SECRET_ACCESS_KEY"])
 
 
+# A child forked from this (large) process would report this process's pages as its own peak
+# RSS; a small launcher that spawns the command and waits for it measures the command alone.
+LAUNCHER = """import os, shutil, sys, time
+started = time.perf_counter()
+pid = os.posix_spawn(shutil.which(sys.argv[1]), sys.argv[1:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - started, usage.ru_maxrss, os.waitstatus_to_exitcode(status))"""
+
+
 def measure(args: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS in MB, and exit code of one child process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    return time.perf_counter() - started, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+    """Wall seconds, peak RSS in MB, and exit code of one command."""
+    out = subprocess.run([sys.executable, "-c", LAUNCHER, *args], cwd=cwd, env=env, check=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.split()
+    return float(out[-3]), int(out[-2]) / 1024, int(out[-1])
 
 
 def tool_env(home: Path) -> dict[str, str]:

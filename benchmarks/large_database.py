@@ -1,0 +1,125 @@
+"""Large database: one tracking run on a 256 MiB database (download, validate, record, upload),
+against two yardsticks measured in the same run on the same server: a bare streaming GET plus
+PUT of the same object through botocore, and `aws s3 cp` down plus up. Also the cost of
+SQLite's integrity_check against quick_check at this size.
+
+    python benchmarks/large_database.py [--mib 256]
+
+Targets: peak RSS under 80 MB; the whole run within 1.5x of the bare GET + PUT.
+`aws s3 cp` is measured when the `aws` command (PyPI's awscli) is on PATH."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from common import KEYS, TOOL, client, machine, measure, start_server, table, tool_env
+
+
+def make_database(path: Path, mib: int) -> None:
+    """A metrics database of about `mib` MiB: many builds of 20 numeric metrics."""
+    import track_metrics
+    connection = sqlite3.connect(path, isolation_level=None)
+    track_metrics.ensure_schema(connection)
+    connection.execute("BEGIN")
+    metrics = [f"metric-{i:02d}" for i in range(20)]
+    connection.executemany("INSERT INTO metric_definitions (id, type, unit) VALUES (?, 'numeric', 'integer')",
+                           [(m,) for m in metrics])
+    build = 0
+    while True:
+        for _ in range(5000):
+            build += 1
+            connection.execute(
+                "INSERT INTO build_contexts (commit_sha, branch, run_id, run_number, event_name, timestamp)"
+                " VALUES (?, 'main', ?, ?, 'push', ?)",
+                (uuid.uuid4().hex + "00000000", str(build), build, f"2025-01-01T00:00:{build % 60:02d}.000Z"))
+            connection.executemany("INSERT INTO metric_values (metric_id, build_id, value_numeric) VALUES (?, ?, ?)",
+                                   [(m, build, build * 1.5 + i) for i, m in enumerate(metrics)])
+        if path.stat().st_size >= mib * 1024 * 1024:
+            break
+    connection.execute("COMMIT")
+    connection.close()
+
+
+def bare_round_trip(endpoint: str, bucket: str, key: str, workdir: Path) -> float:
+    s3 = client(endpoint)
+    started = time.perf_counter()
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+    with open(workdir / "bare.db", "wb") as handle:
+        for chunk in iter(lambda: body.read(1024 * 1024), b""):
+            handle.write(chunk)
+    with open(workdir / "bare.db", "rb") as handle:
+        s3.put_object(Bucket=bucket, Key=key + ".bare", Body=handle)
+    return time.perf_counter() - started
+
+
+def awscli_round_trip(endpoint: str, bucket: str, key: str, workdir: Path) -> str:
+    aws = shutil.which("aws")
+    if not aws:
+        return "not measured (pip install awscli, then run again)"
+    env = dict(os.environ, **KEYS, AWS_DEFAULT_REGION="us-east-1")
+    down = measure([aws, "--endpoint-url", endpoint, "s3", "cp", f"s3://{bucket}/{key}", str(workdir / "cli.db"),
+                    "--quiet"], workdir, env)
+    up = measure([aws, "--endpoint-url", endpoint, "s3", "cp", str(workdir / "cli.db"),
+                  f"s3://{bucket}/{key}.cli", "--quiet"], workdir, env)
+    return f"{down[0] + up[0]:.2f} s (peak RSS {max(down[1], up[1]):.0f} MB)"
+
+
+def integrity_costs(path: Path) -> tuple[float, float]:
+    costs = []
+    for pragma in ("integrity_check", "quick_check"):
+        connection = sqlite3.connect(path)
+        started = time.perf_counter()
+        assert connection.execute(f"PRAGMA {pragma}").fetchall() == [("ok",)]
+        costs.append(time.perf_counter() - started)
+        connection.close()
+    return costs[0], costs[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mib", type=int, default=256)
+    options = parser.parse_args()
+    server, endpoint = start_server()
+    s3 = client(endpoint)
+    bucket = f"large-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    with tempfile.TemporaryDirectory() as directory:
+        workdir = Path(directory)
+        database = workdir / "large.db"
+        make_database(database, options.mib)
+        size = database.stat().st_size
+        with open(database, "rb") as handle:
+            s3.put_object(Bucket=bucket, Key="unentropy.db", Body=handle)
+        full, quick = integrity_costs(database)
+        database.unlink()
+        (workdir / "unentropy.json").write_text(json.dumps(
+            {"metrics": {"metric-00": {"type": "numeric", "command": "echo 1", "unit": "integer"}}}))
+        bare = bare_round_trip(endpoint, bucket, "unentropy.db", workdir)
+        rows = []
+        for integrity in ("full", "quick"):
+            seconds, peak, code = measure(
+                ["python3", str(TOOL), "--config", "unentropy.json", "--endpoint", endpoint, "--bucket", bucket,
+                 "--region", "us-east-1", "--commit", uuid.uuid4().hex, "--branch", "main", "--run-id",
+                 uuid.uuid4().hex[:8], "--integrity", integrity, "--no-backup"], workdir, tool_env(workdir))
+            assert code == 0, f"the run failed with exit code {code}"
+            rows.append([f"track_metrics run (--integrity {integrity})", f"{seconds:.2f} s",
+                         f"{peak:.1f} MB", f"{seconds / bare:.2f}x of bare"])
+        rows.append(["bare botocore GET + PUT (same process as the server)", f"{bare:.2f} s", "–", "1.00x"])
+        rows.append(["aws s3 cp down + up", awscli_round_trip(endpoint, bucket, "unentropy.db", workdir), "", ""])
+    server.stop()
+    print(f"Large database: {size / 1024 / 1024:.0f} MiB ({machine()})\n")
+    print(table(["what", "wall time", "peak RSS", "vs bare"], rows))
+    print(f"\nSQLite on {size / 1024 / 1024:.0f} MiB: integrity_check {full:.2f} s, quick_check {quick:.2f} s")
+    print("Targets: peak RSS < 80 MB; run within 1.5x of the bare GET + PUT.")
+    print("Reproduce: python benchmarks/large_database.py")
+
+
+if __name__ == "__main__":
+    main()
