@@ -822,12 +822,14 @@ def is_aws_endpoint(endpoint: str | None) -> bool:
 
 
 def file_digests(path: Path) -> tuple[str, str, int]:
-    """SHA-256 (hex), MD5 (base64, for Content-MD5) and size, in one pass over the file."""
+    """SHA-256 (hex), MD5 (base64, for Content-MD5) and size, in one pass over the file; the
+    two hashes run on two cores (hashlib releases the GIL), which halves this at 256 MiB."""
     sha256, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
-    with open(path, "rb") as handle:
+    with open(path, "rb") as handle, ThreadPoolExecutor(max_workers=1) as helper:
         while chunk := handle.read(CHUNK_SIZE):
+            pending = helper.submit(md5.update, chunk)
             sha256.update(chunk)
-            md5.update(chunk)
+            pending.result()
             size += len(chunk)
     return sha256.hexdigest(), base64.b64encode(md5.digest()).decode(), size
 
@@ -851,9 +853,14 @@ class S3Client:
         from urllib.parse import urlsplit
         from botocore.auth import S3SigV4Auth
         from botocore.credentials import Credentials
+        class Signer(S3SigV4Auth):
+            def payload(self, request):  # an upload's SHA-256 is known already: no second pass
+                known = request.context.get("payload_sha256")
+                return known if known and self._should_sha256_sign_payload(request) else super().payload(request)
+
         credentials = params.credentials
-        self.signer = S3SigV4Auth(Credentials(credentials.access_key_id, credentials.secret_access_key,
-                                              credentials.session_token), "s3", params.s3.region)
+        self.signer = Signer(Credentials(credentials.access_key_id, credentials.secret_access_key,
+                                         credentials.session_token), "s3", params.s3.region)
         self.bucket = params.s3.bucket
         endpoint = urlsplit(params.s3.endpoint or f"https://s3.{params.s3.region}.amazonaws.com")
         self.scheme, self.netloc = endpoint.scheme, endpoint.netloc
@@ -877,7 +884,8 @@ class S3Client:
         return host, path + (f"?{query}" if query else "")
 
     def send(self, method: str, key: str, *, query: str = "", headers: Mapping[str, str] | None = None,
-             body: Any = None, stream: bool = False) -> http.client.HTTPResponse | tuple[int, dict, bytes]:
+             body: Any = None, stream: bool = False, body_sha256: str | None = None
+             ) -> http.client.HTTPResponse | tuple[int, dict, bytes]:
         """One request with retries. A 2xx answer comes back as (status, headers, body), or as
         the open response when `stream`; anything else raises S3Error or a network error."""
         host, target = self.url(key, query)
@@ -885,7 +893,7 @@ class S3Client:
             if hasattr(body, "seek"):
                 body.seek(0)
             try:
-                response = self._send_once(method, host, target, dict(headers or {}), body)
+                response = self._send_once(method, host, target, dict(headers or {}), body, body_sha256)
                 if 200 <= response.status < 300:
                     if stream:
                         return response
@@ -901,11 +909,13 @@ class S3Client:
             time.sleep(random.uniform(0, min(5.0, 0.1 * 2 ** attempt)))
         raise AssertionError("unreachable")
 
-    def _send_once(self, method: str, host: str, target: str, headers: dict, body: Any):
+    def _send_once(self, method: str, host: str, target: str, headers: dict, body: Any,
+                   body_sha256: str | None):
         from botocore.awsrequest import AWSRequest
         headers["Host"] = host
         headers["User-Agent"] = f"track_metrics/{__version__}"
         request = AWSRequest(method=method, url=f"{self.scheme}://{host}{target}", data=body, headers=headers)
+        request.context["payload_sha256"] = body_sha256
         self.signer.add_auth(request)
         connection, proxied = self._connect(host)
         connection.putrequest(method, f"{self.scheme}://{host}{target}" if proxied else target,
@@ -931,11 +941,12 @@ class S3Client:
         if self.scheme == "https":
             import ssl
             context = ssl.create_default_context(cafile=self.environ.get("AWS_CA_BUNDLE") or None)
-            connection = http.client.HTTPSConnection(address, timeout=self.connect_timeout, context=context)
+            connection = http.client.HTTPSConnection(address, timeout=self.connect_timeout, context=context,
+                                                     blocksize=CHUNK_SIZE)
             if proxy:
                 connection.set_tunnel(host)
         else:
-            connection = http.client.HTTPConnection(address, timeout=self.connect_timeout)
+            connection = http.client.HTTPConnection(address, timeout=self.connect_timeout, blocksize=CHUNK_SIZE)
         connection.connect()
         connection.sock.settimeout(self.read_timeout)
         self._connection = (connection, bool(proxy) and self.scheme == "http")
@@ -1070,7 +1081,8 @@ class S3Storage:
             headers.update({"If-Match": previous.etag} if previous else {"If-None-Match": "*"})
         try:
             with open(path, "rb") as body:
-                response = self._call("PutObject", "PUT", self.key, headers=headers, body=body)[1]
+                response = self._call("PutObject", "PUT", self.key, headers=headers, body=body,
+                                      body_sha256=sha256)[1]
         except Conflict:
             # A retried PUT can land and still answer 412: look before calling it a conflict.
             head = self.stat(self.key)
@@ -1599,41 +1611,87 @@ def github_head_sha(environ: Mapping[str, str]) -> str | None:
 
 @dataclass
 class Series:
-    """One metric's recorded values, in build order, with how the report should present it."""
+    """What the report shows of one metric."""
     id: str
     type: str
     unit: str | None
     name: str
     description: str | None
     direction: str
-    points: list[tuple[int, Any]]  # (index into the builds, value)
+    count: int = 0
+    drawn: list[tuple[int, Any]] = field(default_factory=list)  # (build position, value) to draw
+    minimum: Any = None
+    maximum: Any = None
+    last_two: list[Any] = field(default_factory=list)  # the previous and the latest value
+    recent: dict[int, Any] = field(default_factory=dict)  # build position → value, newest builds
+    changes: list[tuple[int, Any]] = field(default_factory=list)  # labels: the last changes
+    change_count: int = 0
 
 
 def read_history(connection: sqlite3.Connection, configured: Sequence[MetricConfig],
-                 branch: str | None = None) -> tuple[list[tuple], Iterator[Series]]:
-    """The builds in time order, and each metric's series read one at a time (memory stays
-    proportional to one metric, however long the history)."""
+                 branch: str | None = None, recent: int = 20,
+                 limit: int = 600) -> tuple[list[tuple], Iterator[Series]]:
+    """The builds in time order and, one metric at a time (memory follows one metric, not the
+    whole history), what the report needs of it: at most `limit` points to draw, while
+    count, minimum and maximum cover every value."""
     where, arguments = (" WHERE branch = ?", (branch,)) if branch else ("", ())
     builds = connection.execute(
         "SELECT id, commit_sha, branch, run_id, run_number, event_name, timestamp FROM build_contexts"
         f"{where} ORDER BY timestamp, id", arguments).fetchall()
     position = {build[0]: index for index, build in enumerate(builds)}
+    in_order = all(a[0] < b[0] for a, b in zip(builds, builds[1:]))  # ids follow time: no sorting
     by_id = {metric.id: metric for metric in configured}
     definitions = connection.execute(
         "SELECT id, type, unit, description FROM metric_definitions ORDER BY rowid").fetchall()
 
     def series() -> Iterator[Series]:
         for metric_id, kind, unit, description in definitions:
-            wanted = (int, float) if kind == "numeric" else (str,)  # the file is untrusted input
-            points = sorted((position[build_id], value) for build_id, value in connection.execute(
-                "SELECT build_id, COALESCE(value_numeric, value_label) FROM metric_values"
-                " WHERE metric_id = ?", (metric_id,)) if build_id in position and isinstance(value, wanted))
             metric = by_id.get(metric_id)
-            yield Series(str(metric_id), kind, (metric.unit if metric and metric.unit else None) or unit,
-                         (metric.name if metric and metric.name else None) or str(metric_id),
-                         (metric.description if metric and metric.description else None) or description,
-                         metric.direction if metric else "neutral", points)
+            item = Series(str(metric_id), str(kind), (metric.unit if metric and metric.unit else None) or unit,
+                          (metric.name if metric and metric.name else None) or str(metric_id),
+                          (metric.description if metric and metric.description else None) or description,
+                          metric.direction if metric else "neutral")
+            column, types = ("value_numeric", "'integer', 'real'") if kind == "numeric" else ("value_label", "'text'")
+            rows = connection.execute(  # typeof: the file is untrusted, its columns may hold anything
+                f"SELECT build_id, {column} FROM metric_values WHERE metric_id = ?"
+                f" AND typeof({column}) IN ({types}) ORDER BY build_id", (metric_id,)).fetchall()
+            points = [(position[build_id], value) for build_id, value in rows if build_id in position]
+            del rows
+            if not in_order:
+                points.sort()
+            summarise(item, points, len(builds), recent, limit)
+            yield item
     return builds, series()
+
+
+def summarise(item: Series, points: list[tuple[int, Any]], builds: int, recent: int, limit: int) -> None:
+    """Fill `item` from its (build position, value) points, in build order."""
+    item.count = len(points)
+    item.last_two = [value for _, value in points[-2:]]
+    item.recent = {index: value for index, value in points[-recent:] if index >= builds - recent}
+    if item.type == "numeric":
+        values = [value for _, value in points]
+        item.minimum, item.maximum = (min(values), max(values)) if values else (None, None)
+        item.drawn = downsample(points, limit)
+        return
+    changes = [(index, value) for number, (index, value) in enumerate(points)
+               if number == 0 or points[number - 1][1] != value]
+    item.change_count, item.changes = len(changes), changes[-10:]
+
+
+def downsample(points: Sequence[tuple[int, float]], limit: int = 1000) -> list[tuple[int, float]]:
+    """At most `limit` points for drawing: the min and max of each bucket, so spikes survive."""
+    if len(points) <= limit:
+        return list(points)
+    buckets, kept = limit // 2, []
+    values = [value for _, value in points]
+    for bucket in range(buckets):
+        start, end = bucket * len(points) // buckets, (bucket + 1) * len(points) // buckets
+        chunk = values[start:end]  # min/max/index run in C: this is the hot loop of big reports
+        if chunk:
+            low, high = start + chunk.index(min(chunk)), start + chunk.index(max(chunk))
+            kept.extend(points[index] for index in sorted({low, high}))
+    return kept
 
 
 def format_number(value: float, decimals: int = 2) -> str:
@@ -1699,22 +1757,6 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
-def downsample(points: Sequence[tuple], limit: int = 1000) -> list[tuple]:
-    """At most `limit` points for drawing: the min and max of each bucket, so spikes survive."""
-    if len(points) <= limit:
-        return list(points)
-    buckets = limit // 2
-    kept = []
-    for bucket in range(buckets):
-        chunk = points[bucket * len(points) // buckets:(bucket + 1) * len(points) // buckets]
-        if not chunk:
-            continue
-        low = min(chunk, key=lambda point: point[1])
-        high = max(chunk, key=lambda point: point[1])
-        kept.extend(sorted({low, high}, key=lambda point: point[0]))
-    return kept
-
-
 def nice_ticks(low: float, high: float, count: int = 4) -> list[float]:
     """Round tick values from at or below `low` to at or above `high`."""
     if low == high:
@@ -1730,8 +1772,7 @@ def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str
     """An inline SVG line chart of (time, value, build index) points: axes, gridlines, tick
     labels and a marker on the latest point. `points` are already downsampled for drawing."""
     width, height, left, right, top, bottom = 600, 240, 6, 6, 24, 30
-    values = [p[1] for p in series.points]
-    ticks = nice_ticks(min(values), max(values))
+    ticks = nice_ticks(series.minimum, series.maximum)
     y_low, y_high = ticks[0], ticks[-1]
     t_low, t_high = points[0][0], points[-1][0]
     if t_high == t_low:
@@ -1745,7 +1786,7 @@ def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str
 
     esc = html.escape
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" data-metric="{esc(series.id)}" '
-             f'aria-label="{esc(series.name)}: {len(values)} values over time">']
+             f'aria-label="{esc(series.name)}: {series.count} values over time">']
     for tick in ticks:  # labels sit on their gridlines, inside the plot: no margin to size
         parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" '
                      f'y2="{y(tick):.1f}"/><text class="tick" x="{left}" y="{y(tick) - 4:.1f}">'
@@ -1838,14 +1879,12 @@ def render_report(builds: Sequence[tuple], series: Iterator[Series], generated: 
     chart_data: dict[str, dict[str, list]] = {}
     referenced: set[int] = set()
     for item in series:
-        if not item.points:
+        if not item.count:
             continue
         shown.append(item.id)
-        for index, value in item.points[-recent:]:
-            if index >= first_recent:
-                cells[(item.id, index)] = format_value(value, item.unit)
+        cells.update(((item.id, position), format_value(value, item.unit)) for position, value in item.recent.items())
         if item.type == "numeric":
-            drawn = downsample([(times[index], value, index) for index, value in item.points], 600)
+            drawn = [(times[position], value, position) for position, value in item.drawn]
             chart_data[item.id] = {"b": [p[2] for p in drawn], "v": [format_value(p[1], item.unit) for p in drawn]}
             referenced.update(p[2] for p in drawn)
             cards.append(_numeric_card(item, drawn))
@@ -1888,8 +1927,7 @@ def _card_head(item: Series, kind: str) -> str:
 
 
 def _numeric_card(item: Series, drawn: Sequence[tuple[float, float, int]]) -> str:
-    numbers = [value for _, value in item.points]
-    latest, previous = numbers[-1], (numbers[-2] if len(numbers) > 1 else None)
+    latest, previous = item.last_two[-1], (item.last_two[0] if len(item.last_two) > 1 else None)
     change, delta = format_change(latest, previous, item.unit)
     mood = ""
     if delta and item.direction != "neutral":
@@ -1897,23 +1935,19 @@ def _numeric_card(item: Series, drawn: Sequence[tuple[float, float, int]]) -> st
     esc = html.escape
     return (f'{_card_head(item, "metric")}<div class="latest-value">{esc(format_value(latest, item.unit))}</div>'
             f'<div class="stats"><span class="change {mood}">{esc(change)}</span>'
-            f'<span>min {esc(format_value(min(numbers), item.unit))}</span>'
-            f'<span>max {esc(format_value(max(numbers), item.unit))}</span>'
-            f'<span>{len(numbers):,} points</span></div>{svg_chart(item, drawn)}</article>')
+            f'<span>min {esc(format_value(item.minimum, item.unit))}</span>'
+            f'<span>max {esc(format_value(item.maximum, item.unit))}</span>'
+            f'<span>{item.count:,} points</span></div>{svg_chart(item, drawn)}</article>')
 
 
 def _label_card(item: Series, builds: Sequence[tuple]) -> str:
-    changes: list[tuple[int, Any]] = []
-    for index, value in item.points:
-        if not changes or changes[-1][1] != value:
-            changes.append((index, value))
     esc = html.escape
     items = "".join(
         f'<li><code>{esc(str(value))}</code> <span class="muted">since '
         f'{esc(str(builds[index][6])[:16].replace("T", " "))} · {esc(str(builds[index][1])[:7])}</span></li>'
-        for index, value in changes[-10:][::-1])
-    return (f'{_card_head(item, "label")}<div class="latest-value">{esc(str(item.points[-1][1]))}</div>'
-            f'<div class="stats"><span>{len(changes)} changes in {len(item.points):,} builds</span></div>'
+        for index, value in item.changes[::-1])
+    return (f'{_card_head(item, "label")}<div class="latest-value">{esc(str(item.last_two[-1]))}</div>'
+            f'<div class="stats"><span>{item.change_count} changes in {item.count:,} builds</span></div>'
             f'<ol class="timeline">{items}</ol></article>')
 
 
@@ -1937,8 +1971,8 @@ def _builds_table(builds: Sequence[tuple], shown: Sequence[str], cells: Mapping[
 
 
 def _summary_row(item: Series) -> list[str]:
-    latest = item.points[-1][1]
-    previous = item.points[-2][1] if len(item.points) > 1 else None
+    latest = item.last_two[-1]
+    previous = item.last_two[0] if len(item.last_two) > 1 else None
     if previous is None:
         change = "–"
     elif item.type == "numeric":
@@ -2253,8 +2287,9 @@ class TrackingRun:
                               f"{self.result.total_builds} builds")
 
     def apply_build(self) -> tuple[str, str, int]:
-        """Add this run's build to a fresh copy of the base database; ready it for upload."""
-        shutil.copyfile(self.base, self.working)
+        """Add this run's build to the base database (a conflict downloads a new base, so it is
+        moved, not copied: at hundreds of MB a copy costs), and ready it for upload."""
+        os.replace(self.base, self.working)
         self.keep_workspace = True  # from here on the collected data exists only locally
         connection = open_database(self.working)
         try:

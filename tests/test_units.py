@@ -50,17 +50,6 @@ def test_format_change():
     assert tm.format_change(5, None, None)[0] == "first value"
 
 
-def test_downsample_keeps_spikes_and_bounds_size():
-    points = [(float(i), 1.0, i) for i in range(10_000)]
-    points[4321] = (4321.0, 999.0, 4321)
-    points[777] = (777.0, -50.0, 777)
-    drawn = tm.downsample(points, 1000)
-    assert len(drawn) <= 1000
-    assert (4321.0, 999.0, 4321) in drawn and (777.0, -50.0, 777) in drawn
-    assert [p[0] for p in drawn] == sorted(p[0] for p in drawn)
-    assert tm.downsample(points[:10], 1000) == points[:10]
-
-
 @pytest.mark.parametrize("name, ok", [
     ("my-metrics", True), ("a.b.c", True), ("ab", False), ("a" * 64, False), ("Ab-c", False),
     ("a..b", False), ("10.0.0.1", False), ("xn--abc", False), ("sthree-x", False),
@@ -203,3 +192,27 @@ def test_ticks_cover_the_range_with_round_steps(low, high):
     assert 2 <= len(ticks) <= 8
     steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:])}
     assert len(steps) == 1
+
+
+def test_downsample_keeps_spikes_and_bounds_size():
+    points = [(i, 1.0) for i in range(10_000)]
+    points[4321] = (4321, 999.0)
+    points[777] = (777, -50.0)
+    drawn = tm.downsample(points, 1000)
+    assert len(drawn) <= 1000
+    assert (4321, 999.0) in drawn and (777, -50.0) in drawn
+    assert [p[0] for p in drawn] == sorted(p[0] for p in drawn)
+    assert tm.downsample(points[:10], 1000) == points[:10]
+
+
+def test_summaries_use_every_point_and_the_newest_builds():
+    item = tm.Series("m", "numeric", None, "m", None, "neutral")
+    points = [(i, float(i % 7)) for i in range(0, 3000, 3)]  # a sparse metric: every third build
+    tm.summarise(item, points, builds=3000, recent=20, limit=100)
+    assert (item.count, item.minimum, item.maximum) == (1000, 0.0, 6.0)
+    assert item.last_two == [points[-2][1], points[-1][1]]
+    assert set(item.recent) == {2982, 2985, 2988, 2991, 2994, 2997}
+    assert len(item.drawn) <= 100
+    label = tm.Series("s", "label", None, "s", None, "neutral")
+    tm.summarise(label, [(0, "a"), (1, "a"), (2, "b"), (3, "b"), (4, "a")], builds=5, recent=20, limit=100)
+    assert (label.count, label.change_count, label.changes) == (5, 3, [(0, "a"), (2, "b"), (4, "a")])
