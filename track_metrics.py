@@ -121,6 +121,7 @@ class TrackMetricsError(Exception):
         self.type = type
         self.retryable = retryable
         self.details = dict(details or {})
+        self.secrets: Sequence[str] = ()  # values to redact that came with the error
 
     @property
     def exit_code(self) -> int:
@@ -246,7 +247,6 @@ class Config:
     report_dir: str | None = None
     metrics: tuple[MetricConfig, ...] = ()
     warnings: tuple[str, ...] = ()
-    secrets_found: tuple[str, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -303,11 +303,11 @@ def parse_config(text: str, source: str = "unentropy.json") -> Config:
     report_dir = _parse_string_field(data, "report", "dir", problems, warnings)
     metrics = _parse_metrics(data.get("metrics"), problems, warnings)
     if problems:
-        code = "CONFIG_SECRET_IN_FILE" if secrets else "CONFIG_INVALID"
-        error = config_error(problems, code)
-        error.details["secrets"] = secrets  # removed by main before anything is printed
+        secret_problem = any(message.startswith("credentials must not") for _, message in problems)
+        error = config_error(problems, "CONFIG_SECRET_IN_FILE" if secret_problem else "CONFIG_INVALID")
+        error.secrets = secrets  # for redaction; never part of the error's details
         raise error
-    return Config(storage, database_key, report_dir, tuple(metrics), tuple(warnings), tuple(secrets))
+    return Config(storage, database_key, report_dir, tuple(metrics), tuple(warnings))
 
 
 def type_name(value: Any) -> str:
@@ -997,6 +997,7 @@ class S3Storage:
         self.http = S3Client(params, os.environ if environ is None else environ)
 
     def _call(self, action: str, method: str, key: str, **request: Any) -> tuple[int, dict, bytes]:
+        self.console.debug(f"  {action} s3://{self.bucket}/{key}")
         try:
             return self.http.send(method, key, **request)
         except S3Error as exc:
@@ -1023,6 +1024,7 @@ class S3Storage:
     def _fetch_once(self, dest: Path, key: str, version_id: str | None) -> DatabaseFile | None:
         from urllib.parse import quote
         location = f"s3://{self.bucket}/{key}"
+        self.console.debug(f"  GetObject {location}")
         try:
             response = self.http.send("GET", key, stream=True,
                                       query=f"versionId={quote(version_id, safe='')}" if version_id else "")
@@ -2241,6 +2243,7 @@ class TrackingRun:
                 runner.kill_all()
                 raise
             for outcome in outcomes:
+                self.console.debug(f"  {outcome.id}: ran in {outcome.duration_ms} ms")
                 if outcome.ok:
                     self.values[outcome.id] = outcome.value
                     self.result.metrics_collected.append(outcome.id)
@@ -2533,7 +2536,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             console.warning("the endpoint uses plain http://: requests are signed but the database "
                             "travels unencrypted; use https:// outside a private network")
     except TrackMetricsError as exc:
-        for secret in exc.details.pop("secrets", []):
+        for secret in exc.secrets:
             console.add_secret(secret)
         result.error = WorkflowError.from_exception(exc)
         for phase in result.phases:

@@ -24,6 +24,7 @@ def test_no_secret_in_anything_the_tool_prints_or_writes(run_cli, s3_server, buc
     ok = run_cli("--config", str(config), *run_cli.s3_args(), "--json", "--verbose",
                  "--report-dir", str(tmp_path / "report"), env=env)
     assert ok.returncode == 0, ok.output
+    assert "GetObject s3://" in ok.stderr and "PutObject s3://" in ok.stderr  # --verbose shows requests
     # The only line that carries the secret is the mask command, which the runner consumes.
     assert ok.stderr.count(f"::add-mask::{secret}") == 1
     # A failing run (wrong secret given as a flag) must not echo it either.
