@@ -1630,18 +1630,49 @@ class Series:
     change_count: int = 0
 
 
+class Builds:
+    """The builds a report covers, in time order, held compactly (a history of 100,000 builds
+    costs a few MB); the details of a build are read only for the few the report shows."""
+
+    def __init__(self, connection: sqlite3.Connection, branch: str | None):
+        from array import array
+        self.connection, self.times, self.ids, self.branch_of = connection, array("d"), array("q"), array("l")
+        self.branches: dict[str, int] = {}
+        self.details: dict[int, tuple[str, str, Any, str]] = {}  # position → commit, branch, run, time
+        where, arguments = (" WHERE branch = ?", (branch,)) if branch else ("", ())
+        self.span = ["", ""]
+        for build_id, timestamp, name in connection.execute(
+                f"SELECT id, timestamp, branch FROM build_contexts{where} ORDER BY timestamp, id", arguments):
+            self.ids.append(build_id)
+            self.times.append(parse_time(timestamp))
+            self.branch_of.append(self.branches.setdefault(str(name), len(self.branches)))
+            self.span[0] = self.span[0] or str(timestamp)
+            self.span[1] = str(timestamp)
+        self.position = {build_id: index for index, build_id in enumerate(self.ids)}
+        self.in_order = all(a < b for a, b in zip(self.ids, self.ids[1:]))  # then no sorting
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def describe(self, positions: Iterator[int]) -> None:
+        """Read the details of these builds (in chunks: SQLite limits a query's parameters)."""
+        wanted = sorted(set(positions) - set(self.details))
+        for start in range(0, len(wanted), 500):
+            chunk = {self.ids[position]: position for position in wanted[start:start + 500]}
+            for build_id, commit, branch, run_number, timestamp in self.connection.execute(
+                    "SELECT id, commit_sha, branch, run_number, timestamp FROM build_contexts WHERE id IN"
+                    f" ({','.join('?' * len(chunk))})", list(chunk)):
+                self.details[chunk[build_id]] = (str(commit), str(branch), run_number, str(timestamp))
+
+
 def read_history(connection: sqlite3.Connection, configured: Sequence[MetricConfig],
                  branch: str | None = None, recent: int = 20,
-                 limit: int = 600) -> tuple[list[tuple], Iterator[Series]]:
+                 limit: int = 600) -> tuple[Builds, Iterator[Series]]:
     """The builds in time order and, one metric at a time (memory follows one metric, not the
     whole history), what the report needs of it: at most `limit` points to draw, while
     count, minimum and maximum cover every value."""
-    where, arguments = (" WHERE branch = ?", (branch,)) if branch else ("", ())
-    builds = connection.execute(
-        "SELECT id, commit_sha, branch, run_id, run_number, event_name, timestamp FROM build_contexts"
-        f"{where} ORDER BY timestamp, id", arguments).fetchall()
-    position = {build[0]: index for index, build in enumerate(builds)}
-    in_order = all(a[0] < b[0] for a, b in zip(builds, builds[1:]))  # ids follow time: no sorting
+    builds = Builds(connection, branch)
+    position = builds.position
     by_id = {metric.id: metric for metric in configured}
     definitions = connection.execute(
         "SELECT id, type, unit, description FROM metric_definitions ORDER BY rowid").fetchall()
@@ -1656,10 +1687,9 @@ def read_history(connection: sqlite3.Connection, configured: Sequence[MetricConf
             column, types = ("value_numeric", "'integer', 'real'") if kind == "numeric" else ("value_label", "'text'")
             rows = connection.execute(  # typeof: the file is untrusted, its columns may hold anything
                 f"SELECT build_id, {column} FROM metric_values WHERE metric_id = ?"
-                f" AND typeof({column}) IN ({types}) ORDER BY build_id", (metric_id,)).fetchall()
+                f" AND typeof({column}) IN ({types}) ORDER BY build_id", (metric_id,))
             points = [(position[build_id], value) for build_id, value in rows if build_id in position]
-            del rows
-            if not in_order:
+            if not builds.in_order:
                 points.sort()
             summarise(item, points, len(builds), recent, limit)
             yield item
@@ -1869,12 +1899,12 @@ def csp_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
-def render_report(builds: Sequence[tuple], series: Iterator[Series], generated: dt.datetime,
+def render_report(builds: Builds, series: Iterator[Series], generated: dt.datetime,
                   title: str, branch: str | None = None, recent: int = 20) -> tuple[str, list[list[str]]]:
     """The report as one HTML document — nothing is loaded from anywhere — and the job
     summary's rows (metric, latest, previous, change)."""
     esc = html.escape
-    times = [parse_time(build[6]) for build in builds]
+    times = builds.times
     first_recent = max(0, len(builds) - recent)
     cells: dict[tuple[str, int], str] = {}
     cards, labels, summary, shown = [], [], [], []
@@ -1891,16 +1921,18 @@ def render_report(builds: Sequence[tuple], series: Iterator[Series], generated: 
             referenced.update(p[2] for p in drawn)
             cards.append(_numeric_card(item, drawn))
         else:
+            builds.describe(position for position, _ in item.changes)
             labels.append(_label_card(item, builds))
         summary.append(_summary_row(item))
-    branches = sorted({str(build[2]) for build in builds})
-    branch_index = {name: index for index, name in enumerate(branches)}
+    builds.describe(range(first_recent, len(builds)))
+    builds.describe(referenced)
+    branches = list(builds.branches)
     data = {"branches": branches, "charts": chart_data, "builds": {
-        index: [str(builds[index][1])[:7], str(builds[index][6])[:16].replace("T", " "),
-                branch_index[str(builds[index][2])]] for index in sorted(referenced)}}
+        index: [builds.details[index][0][:7], builds.details[index][3][:16].replace("T", " "),
+                builds.branch_of[index]] for index in sorted(referenced)}}
     data_json = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
-    span = (f"{esc(str(builds[0][6])[:10])} → {esc(str(builds[-1][6])[:10])}" if builds else "no builds yet")
-    options = "".join(f'<option>{esc(name)}</option>' for name in branches)
+    span = f"{esc(builds.span[0][:10])} → {esc(builds.span[1][:10])}" if len(builds) else "no builds yet"
+    options = "".join(f'<option>{esc(name)}</option>' for name in sorted(branches))
     document = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
@@ -1942,26 +1974,26 @@ def _numeric_card(item: Series, drawn: Sequence[tuple[float, float, int]]) -> st
             f'<span>{item.count:,} points</span></div>{svg_chart(item, drawn)}</article>')
 
 
-def _label_card(item: Series, builds: Sequence[tuple]) -> str:
+def _label_card(item: Series, builds: Builds) -> str:
     esc = html.escape
     items = "".join(
         f'<li><code>{esc(str(value))}</code> <span class="muted">since '
-        f'{esc(str(builds[index][6])[:16].replace("T", " "))} · {esc(str(builds[index][1])[:7])}</span></li>'
+        f'{esc(builds.details[index][3][:16].replace("T", " "))} · {esc(builds.details[index][0][:7])}</span></li>'
         for index, value in item.changes[::-1])
     return (f'{_card_head(item, "label")}<div class="latest-value">{esc(str(item.last_two[-1]))}</div>'
             f'<div class="stats"><span>{item.change_count} changes in {item.count:,} builds</span></div>'
             f'<ol class="timeline">{items}</ol></article>')
 
 
-def _builds_table(builds: Sequence[tuple], shown: Sequence[str], cells: Mapping[tuple[str, int], str],
+def _builds_table(builds: Builds, shown: Sequence[str], cells: Mapping[tuple[str, int], str],
                   first: int) -> str:
-    if not builds:
+    if not len(builds):
         return ""
     esc = html.escape
     head = "".join(f"<th>{esc(metric_id)}</th>" for metric_id in shown)
     rows = []
     for index in range(len(builds) - 1, first - 1, -1):
-        _, commit, branch, _, run_number, _, timestamp = builds[index]
+        commit, branch, run_number, timestamp = builds.details[index]
         when = str(timestamp)[:16].replace("T", " ")
         values = "".join(f"<td>{esc(cells.get((metric_id, index), '–'))}</td>" for metric_id in shown)
         rows.append(f'<tr data-branch="{esc(str(branch))}" data-time="{esc(when)}"><td><code>'
