@@ -1024,16 +1024,13 @@ class S3Storage:
     def _fetch_once(self, dest: Path, key: str, version_id: str | None) -> DatabaseFile | None:
         from urllib.parse import quote
         location = f"s3://{self.bucket}/{key}"
-        self.console.debug(f"  GetObject {location}")
         try:
-            response = self.http.send("GET", key, stream=True,
-                                      query=f"versionId={quote(version_id, safe='')}" if version_id else "")
-        except S3Error as exc:
-            if exc.code == "NoSuchKey":
+            response = self._call("GetObject", "GET", key, stream=True,
+                                  query=f"versionId={quote(version_id, safe='')}" if version_id else "")
+        except TrackMetricsError as exc:
+            if exc.details.get("s3_code") == "NoSuchKey":
                 return None
-            raise s3_error(exc, "GetObject", location) from exc
-        except (OSError, http.client.HTTPException) as exc:
-            raise s3_error(exc, "GetObject", location) from exc
+            raise
         headers = {k.lower(): v for k, v in response.getheaders()}
         expected = int(headers.get("content-length", -1))
         digest, size = hashlib.sha256(), 0
@@ -1840,14 +1837,13 @@ def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str
 
 
 REPORT_CSS = """
-:root{--bg:#f6f7f9;--card:#fff;--text:#1b1d21;--muted:#646a75;--line:#2563eb;--grid:#e6e8ec;
---good:#15803d;--bad:#b91c1c;--border:#e2e5ea;color-scheme:light dark}
-@media (prefers-color-scheme:dark){:root{--bg:#101216;--card:#1a1d23;--text:#e9ebef;--muted:#9aa1ad;
---line:#6ea8fe;--grid:#2b2f37;--good:#4ade80;--bad:#f87171;--border:#2b2f37}}
+:root{--bg:#f6f7f9;--card:#fff;--text:#1b1d21;--muted:#646a75;--line:#2563eb;--grid:#e6e8ec;--good:#15803d;--bad:#b91c1c;--border:#e2e5ea;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#101216;--card:#1a1d23;--text:#e9ebef;--muted:#9aa1ad;--line:#6ea8fe;--grid:#2b2f37;--good:#4ade80;--bad:#f87171;--border:#2b2f37}}
 *{box-sizing:border-box}[hidden]{display:none!important}html{-webkit-text-size-adjust:100%}
 body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:var(--bg);color:var(--text)}
-main{max-width:1400px;margin:0 auto;padding:16px}h1{font-size:1.35rem;margin:0 0 .2rem;overflow-wrap:anywhere}
-h2{font-size:1rem;margin:0}.muted{color:var(--muted)}.meta{display:flex;flex-wrap:wrap;gap:2px 16px;margin:0;color:var(--muted)}
+main{max-width:1400px;margin:0 auto;padding:16px}
+h1{font-size:1.35rem;margin:0 0 .2rem;overflow-wrap:anywhere}h2{font-size:1rem;margin:0}
+.muted{color:var(--muted)}.meta{display:flex;flex-wrap:wrap;gap:2px 16px;margin:0;color:var(--muted)}
 .filters{display:flex;flex-wrap:wrap;gap:8px 16px;margin:12px 0 0;font-size:.9rem}
 .filters select,.filters input{font:inherit;color:inherit;background:var(--card);border:1px solid var(--border);border-radius:6px;padding:2px 6px}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,560px),1fr));gap:16px;margin:16px 0}
@@ -1857,7 +1853,9 @@ h2{font-size:1rem;margin:0}.muted{color:var(--muted)}.meta{display:flex;flex-wra
 .better{color:var(--good);font-weight:600}.worse{color:var(--bad);font-weight:600}
 .chart{width:100%;height:auto;display:block;margin-top:8px;overflow:visible}
 .chart .grid{stroke:var(--grid);stroke-width:1}.chart .axis{stroke:var(--muted);stroke-width:1}
-.chart .tick{fill:var(--muted);font-size:13px;paint-order:stroke;stroke:var(--card);stroke-width:4px;stroke-linejoin:round}@media (max-width:640px){.chart .tick{font-size:21px}}.chart .line{fill:none;stroke:var(--line);stroke-width:2;stroke-linejoin:round}
+.chart .tick{fill:var(--muted);font-size:13px;paint-order:stroke;stroke:var(--card);stroke-width:4px;stroke-linejoin:round}
+@media (max-width:640px){.chart .tick{font-size:21px}}
+.chart .line{fill:none;stroke:var(--line);stroke-width:2;stroke-linejoin:round}
 .chart .latest{fill:var(--line);stroke:var(--card);stroke-width:2}.chart .hover{fill:var(--text)}
 .tip{position:fixed;z-index:9;pointer-events:none;background:var(--text);color:var(--bg);padding:4px 8px;border-radius:6px;font-size:.8rem;white-space:nowrap}
 .table-wrap{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:.85rem}
@@ -2425,10 +2423,9 @@ def diagnose(storage: S3Storage) -> list[tuple[str, str, str]]:
         return rows + [(name, "skipped", "") for name in names[len(rows):]]
 
     try:
-        storage.http.send("GET", storage.key, headers={"Range": "bytes=0-15"})
-    except (S3Error, OSError, http.client.HTTPException) as exc:
-        if getattr(exc, "code", None) not in ("NoSuchKey", "InvalidRange"):
-            error = s3_error(exc, "GetObject", storage.location)
+        storage._call("GetObject", "GET", storage.key, headers={"Range": "bytes=0-15"})
+    except TrackMetricsError as error:
+        if error.details.get("s3_code") not in ("NoSuchKey", "InvalidRange"):
             stage = {"S3_NETWORK": 0, "S3_AUTH_FAILED": 1, "S3_BUCKET_NOT_FOUND": 2}.get(error.code, 3)
             rows.extend((name, "ok", "") for name in names[:stage])
             return fail(names[stage], error.message)
