@@ -546,6 +546,7 @@ class ActionParameters:
     run_id: str | None = None
     run_number: int | None = None
     report_branch: str | None = None
+    report: bool = True
 
     @property
     def location(self) -> str:
@@ -631,6 +632,7 @@ class ActionParameters:
             run_id=getattr(args, "run_id", None),
             run_number=int(run_number[0]) if run_number else None,
             report_branch=getattr(args, "report_branch", None),
+            report=not getattr(args, "no_report", False),
             **numbers)
 
 
@@ -2152,7 +2154,8 @@ class TrackingRun:
                 self.upload()
             else:
                 self.working = self.base
-            self.report()
+            if self.params.report:
+                self.report()
             self.result.success = self.result.error is None
         except (TrackMetricsError, Cancelled) as exc:
             self.result.error = WorkflowError.from_exception(exc)
@@ -2479,6 +2482,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--database-key", metavar="KEY", help=f"object key (default: {DEFAULT_DATABASE_KEY})")
     add("--report-dir", metavar="DIR", help=f"default: {DEFAULT_REPORT_DIR}")
     add("--report-branch", metavar="BRANCH", help="draw only this branch's builds (default: all)")
+    add("--no-report", action="store_true", help="track and upload only; write no report")
     add("--access-key-id", help="prefer the AWS_ACCESS_KEY_ID environment variable")
     add("--secret-access-key", help="prefer AWS_SECRET_ACCESS_KEY: command lines are visible")
     add("--session-token", help="prefer AWS_SESSION_TOKEN")

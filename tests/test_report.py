@@ -126,3 +126,13 @@ def test_label_metrics_show_when_they_changed(run_local, tmp_path):
     html = report_of(tmp_path)
     assert "3 changes in 4 builds" in html
     assert html.count("<li><code>") == 3
+
+
+def test_no_report_tracks_and_uploads_only(run_cli, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    result = run_cli.track(config, "--json", "--no-report")
+    assert result.returncode == 0, result.output
+    document = result.json()
+    assert document["report_path"] is None and document["phases"][4]["status"] == "skipped"
+    assert get_object(s3_server, bucket) is not None
+    assert not (tmp_path / "report").exists()
