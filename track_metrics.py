@@ -132,7 +132,7 @@ class TrackMetricsError(Exception):
 
 class Cancelled(BaseException):
     """Raised from a signal handler. A BaseException, so that no broad `except Exception`
-    (botocore's retry loop has some) can swallow a cancellation."""
+    anywhere below can swallow a cancellation."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -933,7 +933,8 @@ class S3Client:
 
     def _connect(self, host: str) -> tuple[http.client.HTTPConnection, bool]:
         """One kept-alive connection (through HTTP(S)_PROXY when the environment names one)."""
-        if self._connection is not None and time.monotonic() - self._connection_used < 4:
+        if self._connection is not None and self._connection[0].sock is not None \
+                and time.monotonic() - self._connection_used < 4:  # idle ones may be closed by now
             return self._connection
         self.close()
         from urllib.request import getproxies_environment, proxy_bypass_environment
@@ -943,6 +944,9 @@ class S3Client:
         if self.scheme == "https":
             import ssl
             context = ssl.create_default_context(cafile=self.environ.get("AWS_CA_BUNDLE") or None)
+            if not context.cert_store_stats()["x509_ca"]:  # a slim image without CA certificates
+                import botocore
+                context.load_verify_locations(os.path.join(os.path.dirname(botocore.__file__), "cacert.pem"))
             connection = http.client.HTTPSConnection(address, timeout=self.connect_timeout, context=context,
                                                      blocksize=CHUNK_SIZE)
             if proxy:

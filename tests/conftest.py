@@ -194,3 +194,40 @@ def proxy(s3_server):
     instance = FaultProxy(s3_server.endpoint, REGION, s3_server.keys)
     yield instance
     instance.close()
+
+
+@pytest.fixture(scope="session")
+def tls_certificate(tmp_path_factory):
+    """A self-signed certificate for localhost, and its file (the CA bundle clients trust)."""
+    import datetime as dt
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=2))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    directory = tmp_path_factory.mktemp("tls")
+    (directory / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    return directory / "cert.pem", directory / "key.pem"
+
+
+@pytest.fixture
+def https_proxy(s3_server, tls_certificate):
+    """The S3 server behind TLS on https://localhost:<port>, with a self-signed certificate."""
+    import ssl
+    from fault_proxy import FaultProxy
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*map(str, tls_certificate))
+    instance = FaultProxy(s3_server.endpoint, REGION, s3_server.keys, tls=context)
+    yield instance
+    instance.close()

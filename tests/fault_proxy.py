@@ -54,6 +54,7 @@ class FaultProxy:
     keys: object = None  # for re-signing requests whose conditional headers are removed
     rules: list[Rule] = field(default_factory=list)
     log: list[Seen] = field(default_factory=list)
+    tls: object = None  # an ssl.SSLContext: serve HTTPS, as a real provider does
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -70,8 +71,14 @@ class FaultProxy:
             daemon_threads = True
             allow_reuse_address = True
 
+            def get_request(self):
+                sock, address = super().get_request()
+                return (proxy.tls.wrap_socket(sock, server_side=True) if proxy.tls else sock), address
+
         self._server = Server(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        scheme = "https" if self.tls else "http"
+        self.endpoint = f"{scheme}://localhost:{self._server.server_address[1]}" if self.tls else \
+            f"http://127.0.0.1:{self._server.server_address[1]}"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def add(self, *rules: Rule) -> None:

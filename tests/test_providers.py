@@ -54,3 +54,19 @@ def test_action_inputs_take_precedence_over_the_environment_and_file(run_cli, s3
     result = run_cli("--config", str(config), "--json", env=env)
     assert result.returncode == 0, result.output
     assert get_object(s3_server, bucket, "in.db") is not None
+
+
+def test_https_endpoints_verify_the_certificate(run_cli, https_proxy, s3_server, bucket, tmp_path, tls_certificate):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    # Without the certificate in the trusted bundle, the TLS handshake is refused: a network error.
+    refused = run_cli.track(config, "--json", "--retry-attempts", "1", endpoint=https_proxy.endpoint)
+    assert refused.returncode == 75 and refused.json()["error"]["code"] == "S3_NETWORK"
+    assert "CERTIFICATE_VERIFY_FAILED" in refused.json()["error"]["message"]
+    assert get_object(s3_server, bucket) is None
+    trusted = run_cli.env(AWS_CA_BUNDLE=str(tls_certificate[0]))
+    for _ in range(2):
+        result = run_cli.track(config, "--json", env=trusted, endpoint=https_proxy.endpoint)
+        assert result.returncode == 0, result.output
+    assert https_proxy.log and all(seen.host.startswith("localhost:") for seen in https_proxy.log)
+    rows = database_rows(get_object(s3_server, bucket), tmp_path, "SELECT COUNT(*) FROM build_contexts")
+    assert rows == [(2,)]
