@@ -1304,8 +1304,12 @@ def check_database(path: Path, integrity: str = "full") -> None:
         if rows != ["ok"]:
             raise TrackMetricsError("DB_CORRUPT", f"SQLite {pragma} failed: {'; '.join(rows[:3])[:300]}"
                                     "; the remote object was left untouched (see --on-corrupt)")
-        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        tables.discard("sqlite_sequence")
+        objects = connection.execute("SELECT type, name FROM sqlite_master").fetchall()
+        tables = {name for kind, name in objects if kind == "table"} - {"sqlite_sequence"}
+        triggers = sorted(str(name) for kind, name in objects if kind == "trigger")
+        if triggers:  # they would run on this tool's inserts: an untrusted file must not act
+            raise TrackMetricsError("DB_SCHEMA_UNKNOWN", f"the database has triggers ({', '.join(triggers)[:200]}),"
+                                    " which metrics databases never have; refusing to write to it")
         if not tables:
             return
         for table, columns in REQUIRED_COLUMNS.items():

@@ -89,3 +89,21 @@ def test_an_unreachable_endpoint_is_a_retryable_network_error(run_cli, tmp_path)
                            endpoint=f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 75
     assert result.json()["error"]["code"] == "S3_NETWORK"
+
+
+def test_a_database_with_triggers_is_refused(run_cli, s3_server, bucket, tmp_path):
+    """A trigger would run on this tool's inserts (and could delete the history)."""
+    import shutil
+    import sqlite3
+    from conftest import FIXTURES
+    path = tmp_path / "trap.db"
+    shutil.copyfile(FIXTURES / "unentropy-0.3.16.db", path)
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TRIGGER wipe AFTER INSERT ON metric_values BEGIN DELETE FROM build_contexts; END")
+    connection.commit()
+    connection.close()
+    s3_server.client().put_object(Bucket=bucket, Key="unentropy.db", Body=path.read_bytes())
+    result = run_cli.track(write_config(tmp_path, SIMPLE_METRICS), "--json")
+    assert result.returncode == 1
+    assert result.json()["error"]["code"] == "DB_SCHEMA_UNKNOWN" and "triggers" in result.json()["error"]["message"]
+    assert get_object(s3_server, bucket) == path.read_bytes()
