@@ -139,3 +139,14 @@ def test_a_failing_action_run_reports_the_error_as_outputs_and_annotations(s3_se
     assert steps[-1].returncode == 1
     assert outputs["success"] == "false" and outputs["error-code"] == "S3_BUCKET_NOT_FOUND"
     assert "::error::" in steps[-1].stderr
+
+
+def test_multi_line_outputs_survive_github_output(tmp_path):
+    from conftest import base_environment
+    (tmp_path / "unentropy.json").write_text('{"metrics": {"A": {"type": "x"}}}')
+    steps, outputs, _ = run_action(tmp_path, {"s3-bucket": "some-bucket"}, {}, base_environment(tmp_path))
+    assert steps[-1].returncode == 2
+    assert outputs["error-code"] == "CONFIG_INVALID"
+    message = outputs["error-message"]
+    assert message.count("\n") >= 2 and "metrics.A.type" in message and "metrics.A.command" in message
+    assert outputs["success"] == "false"
