@@ -140,11 +140,12 @@ class Cancelled(BaseException):
         self.message = message
 
 
-def config_error(problems: Sequence[tuple[str, str]], code: str = "CONFIG_INVALID") -> TrackMetricsError:
+def config_error(problems: Sequence[tuple[str, str]], code: str = "CONFIG_INVALID",
+                 kind: str = "configuration") -> TrackMetricsError:
     lines = [f"  {path}: {message}" if path else f"  {message}" for path, message in problems]
     noun = "problem" if len(problems) == 1 else "problems"
     return TrackMetricsError(
-        code, f"{len(problems)} configuration {noun}:\n" + "\n".join(lines), type="validation",
+        code, f"{len(problems)} {kind} {noun}:\n" + "\n".join(lines), type="validation",
         details={"problems": [{"path": p, "message": m} for p, m in problems]})
 
 
@@ -610,9 +611,7 @@ class ActionParameters:
                     f"  {name}: give it with {how}" for name, how in missing), type="validation",
                 details={"missing": [name for name, _ in missing]})
         if problems:
-            error = config_error(problems, "PARAM_INVALID")
-            error.message = error.message.replace("configuration problem", "parameter problem")
-            raise error
+            raise config_error(problems, "PARAM_INVALID", "parameter")
         run_number = sources.get("run_number", None)
         return cls(
             s3=S3Configuration(endpoint[0] if endpoint else None, bucket[0] if bucket else None,
@@ -620,8 +619,7 @@ class ActionParameters:
             credentials=credentials,
             database_key=key[0] if key else DEFAULT_DATABASE_KEY,
             local_db=local_db,
-            report_dir=Path(sources.value("report_dir", "report-dir", (), config.report_dir)
-                            or DEFAULT_REPORT_DIR),
+            report_dir=Path((sources.get("report_dir", "report-dir") or (config.report_dir or DEFAULT_REPORT_DIR,))[0]),
             workdir=Path(getattr(args, "workdir", None) or config_path.parent or "."),
             addressing_style=style[0] if style else "auto",
             conditional_writes=not getattr(args, "no_conditional_writes", False),
@@ -666,10 +664,6 @@ class _Sources:
         if file_value is not None:
             return file_value, file_path
         return None
-
-    def value(self, *lookup) -> str | None:
-        found = self.get(*lookup)
-        return found[0] if found else None
 
     def flag(self, attr: str, input_name: str) -> bool:
         if getattr(self.args, attr, False):
@@ -937,10 +931,11 @@ class S3Client:
                 and time.monotonic() - self._connection_used < 4:  # idle ones may be closed by now
             return self._connection
         self.close()
+        from urllib.parse import urlsplit
         from urllib.request import getproxies_environment, proxy_bypass_environment
         proxies = getproxies_environment() if not proxy_bypass_environment(host.split(":")[0]) else {}
         proxy = proxies.get(self.scheme)
-        address = urlsplit_host(proxy) if proxy else host
+        address = urlsplit(proxy if "//" in proxy else "//" + proxy).netloc if proxy else host
         if self.scheme == "https":
             import ssl
             context = ssl.create_default_context(cafile=self.environ.get("AWS_CA_BUNDLE") or None)
@@ -962,11 +957,6 @@ class S3Client:
         if self._connection is not None:
             self._connection[0].close()
             self._connection = None
-
-
-def urlsplit_host(url: str) -> str:
-    from urllib.parse import urlsplit
-    return urlsplit(url if "//" in url else "//" + url).netloc
 
 
 def parse_error(status: int, body: bytes) -> S3Error:
@@ -2462,11 +2452,6 @@ def diagnose(storage: S3Storage) -> list[tuple[str, str, str]]:
     return rows
 
 
-def format_table(rows: Sequence[tuple[str, str, str]]) -> str:
-    width = max(len(row[0]) for row in rows)
-    return "\n".join(f"{name:<{width}}  {status:<7}  {advice}".rstrip() for name, status, advice in rows)
-
-
 # ============================================================================================
 # Command line
 # ============================================================================================
@@ -2546,7 +2531,9 @@ def check(params: ActionParameters, console: Console, as_json: bool) -> int:
         document = [{"check": name, "status": status, "advice": advice} for name, status, advice in rows]
         sys.stdout.write(console.redact(json.dumps(document, indent=2)) + "\n")
     else:
-        sys.stdout.write(console.redact(f"{params.location}\n{format_table(rows)}") + "\n")
+        width = max(len(name) for name, _, _ in rows)
+        table = "\n".join(f"{name:<{width}}  {status:<7}  {advice}".rstrip() for name, status, advice in rows)
+        sys.stdout.write(console.redact(f"{params.location}\n{table}") + "\n")
     return EXIT_OK if all(status == "ok" for _, status, _ in rows) else EXIT_FAILED
 
 
