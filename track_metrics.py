@@ -2256,7 +2256,12 @@ class TrackingRun:
     def new_database(self) -> Path:
         path = self.workspace / "new.db"
         path.unlink(missing_ok=True)
-        ensure_schema_file(path)
+        connection = open_database(path)
+        try:
+            connection.execute("PRAGMA journal_mode=DELETE")
+            ensure_schema(connection)
+        finally:
+            connection.close()
         return path
 
     def collect(self) -> None:
@@ -2363,15 +2368,6 @@ class TrackingRun:
                                f"{self.working} so its data can be recovered")
             return
         shutil.rmtree(self.workspace, ignore_errors=True)
-
-
-def ensure_schema_file(path: Path) -> None:
-    connection = open_database(path)
-    try:
-        connection.execute("PRAGMA journal_mode=DELETE")
-        ensure_schema(connection)
-    finally:
-        connection.close()
 
 
 @contextlib.contextmanager

@@ -46,12 +46,14 @@ def test_sigterm_during_upload_ends_promptly_with_the_object_unchanged_or_replac
     config = write_config(tmp_path, SIMPLE_METRICS)
     assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
     before = get_object(s3_server, bucket)
-    proxy.add(Rule("PUT", r"/unentropy\.db$", "stall", count=1, delay=10))
+    stall = Rule("PUT", r"/unentropy\.db$", "stall", count=1, delay=10)
+    proxy.add(stall)
     process = start(run_cli, config, proxy.endpoint)
-    deadline = time.monotonic() + 20
-    while not any(seen.method == "GET" for seen in proxy.log) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while not stall.hits and time.monotonic() < deadline:  # until the PUT is held in the proxy
         time.sleep(0.05)
-    time.sleep(1.0)  # the PUT is now stalled in the proxy
+    assert stall.hits == 1
+    time.sleep(0.3)
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=10)
