@@ -764,7 +764,8 @@ AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "In
 UNAVAILABLE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "Throttling",
                      "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
 PERMISSION_FOR = {"GetObject": "s3:GetObject", "HeadObject": "s3:GetObject",
-                  "PutObject": "s3:PutObject", "CopyObject": "s3:GetObject and s3:PutObject",
+                  "PutObject": "s3:PutObject",
+                  "CopyObject": "s3:GetObject and s3:PutObject (the backup copy; --no-backup skips it)",
                   "DeleteObject": "s3:DeleteObject", "ListObjectVersions": "s3:ListBucketVersions"}
 
 
@@ -1153,11 +1154,20 @@ class S3Storage:
     def probe_conditional_writes(self) -> list[str]:
         """Which deliberately wrong preconditions the provider accepted (none is the only good
         answer), tried on a probe object beside the database key, which is removed again."""
-        self.put_probe()
+        try:
+            self.put_probe()
+        except TrackMetricsError as exc:
+            exc.message += (f"; the conditional-write check writes s3://{self.bucket}/{self.key}.probe-*: "
+                            "grant s3:PutObject and s3:DeleteObject there too")
+            raise
         try:
             return [label for label, condition in WRONG_PRECONDITIONS if self.put_probe(**condition)]
         finally:
-            self.delete_probe()
+            try:
+                self.delete_probe()
+            except TrackMetricsError as exc:  # the verdict stands; only the tidying failed
+                self.console.warning(f"could not remove the probe object ({exc.code}); delete "
+                                     f"s3://{self.bucket}/{self.probe_key} or grant s3:DeleteObject")
 
     def older_versions(self) -> list[str]:
         """Version ids of the database key, newest first, without the current one."""

@@ -173,3 +173,21 @@ def test_the_conditional_write_probe_runs_once_per_endpoint(run_cli, proxy, s3_s
     assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
     assert proxy.requests("PUT", r"\.probe-") == []
     assert [s.method for s in proxy.log] == ["GET", "PUT", "PUT", "HEAD"]  # get, backup copy, put, verify
+
+
+def test_a_probe_that_cannot_be_deleted_is_a_warning_not_a_failure(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    proxy.add(Rule("DELETE", r"\.probe-", "status", count=-1, status=403, code="AccessDenied"))
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 0, result.output
+    assert "could not remove the probe object" in result.stderr
+
+
+def test_a_probe_that_cannot_be_written_says_which_permission_is_missing(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    proxy.add(Rule("PUT", r"\.probe-", "status", count=-1, status=403, code="AccessDenied"))
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 1
+    error = result.json()["error"]
+    assert error["code"] == "S3_ACCESS_DENIED" and ".probe-*" in error["message"]
+    assert get_object(s3_server, bucket) is None
