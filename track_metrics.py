@@ -63,7 +63,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import html
-import http.client
 import json
 import math
 import os
@@ -847,6 +846,7 @@ class S3Client:
     No checksum headers beyond Content-MD5 are sent: several providers reject them."""
 
     def __init__(self, params: ActionParameters, environ: Mapping[str, str]):
+        import http.client  # here, not at the top: runs without S3 never need it
         from urllib.parse import urlsplit
         from botocore.auth import S3SigV4Auth
         from botocore.credentials import Credentials
@@ -870,6 +870,8 @@ class S3Client:
         self.read_timeout = params.request_timeout
         self.connect_timeout = min(10.0, params.request_timeout)
         self.environ = environ
+        self.httplib = http.client
+        self.errors = (OSError, http.client.HTTPException)  # what the network can throw
         self._connection = None
         self._connection_used = 0.0
 
@@ -896,7 +898,7 @@ class S3Client:
                         return response
                     return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
                 error = parse_error(response.status, response.read())
-            except (OSError, http.client.HTTPException) as exc:
+            except self.errors:
                 self.close()
                 if attempt == self.attempts:
                     raise
@@ -943,12 +945,12 @@ class S3Client:
             if not context.cert_store_stats()["x509_ca"]:  # a slim image without CA certificates
                 import botocore
                 context.load_verify_locations(os.path.join(os.path.dirname(botocore.__file__), "cacert.pem"))
-            connection = http.client.HTTPSConnection(address, timeout=self.connect_timeout, context=context,
+            connection = self.httplib.HTTPSConnection(address, timeout=self.connect_timeout, context=context,
                                                      blocksize=CHUNK_SIZE)
             if proxy:
                 connection.set_tunnel(host)
         else:
-            connection = http.client.HTTPConnection(address, timeout=self.connect_timeout, blocksize=CHUNK_SIZE)
+            connection = self.httplib.HTTPConnection(address, timeout=self.connect_timeout, blocksize=CHUNK_SIZE)
         connection.connect()
         connection.sock.settimeout(self.read_timeout)
         self._connection = (connection, bool(proxy) and self.scheme == "http")
@@ -1001,7 +1003,7 @@ class S3Storage:
             if exc.status in (409, 412):
                 raise Conflict(exc.code) from exc
             raise s3_error(exc, action, f"s3://{self.bucket}/{key}") from exc
-        except (OSError, http.client.HTTPException) as exc:
+        except self.http.errors as exc:
             raise s3_error(exc, action, f"s3://{self.bucket}/{key}") from exc
 
     def fetch(self, dest: Path, key: str | None = None, version_id: str | None = None) -> DatabaseFile | None:
@@ -1037,7 +1039,7 @@ class S3Storage:
                     handle.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
-        except (OSError, http.client.HTTPException) as exc:
+        except self.http.errors as exc:
             self.http.close()
             if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, ConnectionError):
                 raise  # a local disk problem, not the network's
