@@ -2566,9 +2566,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         for warning in config.warnings:
             console.warning(warning)
         params = ActionParameters.from_sources(args, environ, config, config_path)
-        endpoint = params.s3.endpoint or ""
-        if params.local_db is None and endpoint.startswith("http://") and not is_loopback(
-                endpoint.split("//", 1)[1].split("/")[0].rsplit(":", 1)[0].strip("[]")):
+        from urllib.parse import urlsplit
+        endpoint = urlsplit(params.s3.endpoint or "")
+        if params.local_db is None and endpoint.scheme == "http" and not is_loopback(endpoint.hostname or ""):
             console.warning("the endpoint uses plain http://: requests are signed but the database "
                             "travels unencrypted; use https:// outside a private network")
     except TrackMetricsError as exc:
