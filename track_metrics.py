@@ -1735,6 +1735,10 @@ def downsample(points: Sequence[tuple[int, float]], limit: int = 1000) -> list[t
     return kept
 
 
+def count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}" + ("" if number == 1 else "s")
+
+
 def format_number(value: float, decimals: int = 2) -> str:
     if float(value).is_integer() and abs(value) < 1e15:
         return f"{int(value):,}"
@@ -1949,7 +1953,7 @@ def render_report(builds: Builds, series: Iterator[Series], generated: dt.dateti
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
         f'style-src {csp_hash(REPORT_CSS)}; script-src {csp_hash(REPORT_JS)}; img-src data:">'
         f'<title>{esc(title)} · metrics</title><style>{REPORT_CSS}</style></head><body><main>'
-        f'<header><h1>{esc(title)}</h1><p class="meta"><span>{len(builds):,} builds</span>'
+        f'<header><h1>{esc(title)}</h1><p class="meta"><span>{count(len(builds), "build")}</span>'
         f'<span>{span}</span><span>branch: {esc(branch) if branch else "all branches"}</span>'
         f'<span>generated {generated.strftime("%Y-%m-%d %H:%M")} UTC by track_metrics {__version__}</span></p>'
         '<p class="filters" id="tm-filters" hidden><label>Branch <select id="tm-branch">'
@@ -1981,7 +1985,7 @@ def _numeric_card(item: Series, drawn: Sequence[tuple[float, float, int]]) -> st
             f'<div class="stats"><span class="change {mood}">{esc(change)}</span>'
             f'<span>min {esc(format_value(item.minimum, item.unit))}</span>'
             f'<span>max {esc(format_value(item.maximum, item.unit))}</span>'
-            f'<span>{item.count:,} points</span></div>{svg_chart(item, drawn)}</article>')
+            f'<span>{count(item.count, "point")}</span></div>{svg_chart(item, drawn)}</article>')
 
 
 def _label_card(item: Series, builds: Builds) -> str:
@@ -1991,7 +1995,7 @@ def _label_card(item: Series, builds: Builds) -> str:
         f'{esc(builds.details[index][3][:16].replace("T", " "))} · {esc(builds.details[index][0][:7])}</span></li>'
         for index, value in item.changes[::-1])
     return (f'{_card_head(item, "label")}<div class="latest-value">{esc(str(item.last_two[-1]))}</div>'
-            f'<div class="stats"><span>{item.change_count} changes in {item.count:,} builds</span></div>'
+            f'<div class="stats"><span>{count(item.change_count, "change")} in {count(item.count, "build")}</span></div>'
             f'<ol class="timeline">{items}</ol></article>')
 
 
@@ -2335,7 +2339,7 @@ class TrackingRun:
                                                 self.storage.location)
             self.result.total_builds = count_builds(self.working)
             self.console.info(f"upload: {self.storage.location}: {size:,} bytes, "
-                              f"{self.result.total_builds} builds")
+                              f"{count(self.result.total_builds, 'build')}")
 
     def apply_build(self) -> tuple[str, str, int]:
         """Add this run's build to the base database (a conflict downloads a new base, so it is
@@ -2583,8 +2587,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return check(params, console, args.json)
         result = run(params, config, console, environ, command=args.command)
         if result.success:
-            console.info(f"done: {len(result.metrics_collected)} metrics recorded, "
-                         f"{result.total_builds} builds in {result.database_location}; "
+            console.info(f"done: {count(len(result.metrics_collected), 'metric')} recorded, "
+                         f"{count(result.total_builds, 'build')} in {result.database_location}; "
                          f"report: {result.report_path}")
         elif result.error:
             console.error(f"[{result.error.code}] {result.error.message}")
