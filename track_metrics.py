@@ -566,34 +566,12 @@ class ActionParameters:
             problems.append(("storage-type", f"got {show(storage_type[0])}; accepted: \"s3\" or "
                              "\"sqlite-s3\" (for artifact storage use --local-db PATH with your "
                              "CI's artifact steps)"))
-        allow_http = sources.flag("allow_http", "allow-http")
         local_db = Path(args.local_db) if getattr(args, "local_db", None) else None
-        file_s3 = config.storage.s3 if config.storage else S3Configuration()
-        endpoint = sources.get("endpoint", "s3-endpoint", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
-                               file_s3.endpoint, "storage.s3.endpoint")
-        bucket = sources.get("bucket", "s3-bucket", (), file_s3.bucket, "storage.s3.bucket")
-        region = sources.get("region", "s3-region", ("AWS_REGION", "AWS_DEFAULT_REGION"),
-                             file_s3.region, "storage.s3.region")
-        key = sources.get("database_key", "database-key", (), config.database_key, "database.key")
-        credentials = None
+        s3, credentials = S3Configuration(region="us-east-1"), None
         if local_db is None:
-            if config.storage is None and not any((endpoint, bucket)):
-                raise TrackMetricsError(
-                    "CONFIG_STORAGE_MISSING",
-                    f"{config_path} has no \"storage\" block. Add one:\n"
-                    '  "storage": {"type": "s3", "s3": {"endpoint": "https://s3.eu-west-1.amazonaws.com",'
-                    ' "bucket": "my-metrics", "region": "eu-west-1"}}\n'
-                    "or run on a local file with --local-db PATH.", type="validation")
-            if endpoint and (why := endpoint_problem(endpoint[0], allow_http)):
-                problems.append((endpoint[1], f"{show(endpoint[0])} {why}"))
-            if bucket is None:
-                missing.append(("bucket", "--bucket, input s3-bucket or storage.s3.bucket in the file"))
-            elif why := bucket_problem(bucket[0]):
-                problems.append((bucket[1], f"{show(bucket[0])} {why}"))
-            if region and not REGION.match(region[0]):
-                problems.append((region[1], f"{show(region[0])} is invalid; accepted: lowercase "
-                                 "letters, digits and '-' (e.g. eu-west-1, or auto for R2)"))
+            s3 = _s3_settings(sources, config, config_path, problems, missing)
             credentials = _credentials(sources, missing)
+        key = sources.get("database_key", "database-key", (), config.database_key, "database.key")
         if key and (why := database_key_problem(key[0])):
             problems.append((key[1], f"{show(key[0])} {why}"))
         numbers = {name: sources.number(name, input_name, default, low, high, problems, kind)
@@ -613,9 +591,7 @@ class ActionParameters:
             raise config_error(problems, "PARAM_INVALID", "parameter")
         run_number = sources.get("run_number", None)
         return cls(
-            s3=S3Configuration(endpoint[0] if endpoint else None, bucket[0] if bucket else None,
-                               region[0] if region else "us-east-1"),
-            credentials=credentials,
+            s3=s3, credentials=credentials,
             database_key=key[0] if key else DEFAULT_DATABASE_KEY,
             local_db=local_db,
             report_dir=Path((sources.get("report_dir", "report-dir") or (config.report_dir or DEFAULT_REPORT_DIR,))[0]),
@@ -682,6 +658,34 @@ class _Sources:
             what = "a whole number" if kind is int else "a number"
             problems.append((found[1], f"got {show(found[0])}; accepted: {what} from {low} to {high}"))
             return default
+
+
+def _s3_settings(sources: _Sources, config: Config, config_path: Path, problems: list,
+                 missing: list) -> S3Configuration:
+    file_s3 = config.storage.s3 if config.storage else S3Configuration()
+    endpoint = sources.get("endpoint", "s3-endpoint", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+                           file_s3.endpoint, "storage.s3.endpoint")
+    bucket = sources.get("bucket", "s3-bucket", (), file_s3.bucket, "storage.s3.bucket")
+    region = sources.get("region", "s3-region", ("AWS_REGION", "AWS_DEFAULT_REGION"),
+                         file_s3.region, "storage.s3.region")
+    if config.storage is None and not any((endpoint, bucket)):
+        raise TrackMetricsError(
+            "CONFIG_STORAGE_MISSING",
+            f"{config_path} has no \"storage\" block. Add one:\n"
+            '  "storage": {"type": "s3", "s3": {"endpoint": "https://s3.eu-west-1.amazonaws.com",'
+            ' "bucket": "my-metrics", "region": "eu-west-1"}}\n'
+            "or run on a local file with --local-db PATH.", type="validation")
+    if endpoint and (why := endpoint_problem(endpoint[0], sources.flag("allow_http", "allow-http"))):
+        problems.append((endpoint[1], f"{show(endpoint[0])} {why}"))
+    if bucket is None:
+        missing.append(("bucket", "--bucket, input s3-bucket or storage.s3.bucket in the file"))
+    elif why := bucket_problem(bucket[0]):
+        problems.append((bucket[1], f"{show(bucket[0])} {why}"))
+    if region and not REGION.match(region[0]):
+        problems.append((region[1], f"{show(region[0])} is invalid; accepted: lowercase "
+                         "letters, digits and '-' (e.g. eu-west-1, or auto for R2)"))
+    return S3Configuration(endpoint[0] if endpoint else None, bucket[0] if bucket else None,
+                           region[0] if region else "us-east-1")
 
 
 def _credentials(sources: _Sources, missing: list) -> S3Credentials | None:
