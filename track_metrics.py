@@ -159,10 +159,9 @@ def redact(text: str, secrets: Sequence[str]) -> str:
 class Console:
     """Logs to stderr (stdout is kept for --json), redacted, with GitHub workflow commands."""
 
-    def __init__(self, stream=None, *, secrets: Sequence[str] = (), github: bool = False,
-                 verbose: bool = False):
+    def __init__(self, stream=None, *, github: bool = False, verbose: bool = False):
         self.stream = stream if stream is not None else sys.stderr
-        self.secrets = list(secrets)
+        self.secrets: list[str] = []
         self.github = github
         self.verbose = verbose
         self._lock = threading.Lock()
@@ -299,8 +298,8 @@ def parse_config(text: str, source: str = "unentropy.json") -> Config:
     _find_secrets(data, "", problems, secrets)
     _warn_unknown(data, "", KNOWN_KEYS[""], warnings)
     storage = _parse_storage(data, problems, warnings)
-    database_key = _parse_string_field(data, "database", "key", problems, warnings)
-    report_dir = _parse_string_field(data, "report", "dir", problems, warnings)
+    database_key = _string(_section(data, "database", problems, warnings), "database.key", problems)
+    report_dir = _string(_section(data, "report", problems, warnings), "report.dir", problems)
     metrics = _parse_metrics(data.get("metrics"), problems, warnings)
     if problems:
         secret_problem = any(message.startswith("credentials must not") for _, message in problems)
@@ -344,47 +343,38 @@ def _warn_unknown(node: dict, path: str, known: set, warnings: list) -> None:
             warnings.append(f"{where}: unknown key ignored (known keys: {', '.join(sorted(known))})")
 
 
+def _section(parent: dict, path: str, problems: list, warnings: list) -> dict | None:
+    """An object of the file at `path` (None when absent or not an object); unknown keys warned."""
+    section = parent.get(path.rsplit(".", 1)[-1])
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        problems.append((path, f"must be an object, got {type_name(section)}"))
+        return None
+    _warn_unknown(section, path, KNOWN_KEYS[path], warnings)
+    return section
+
+
+def _string(section: dict | None, path: str, problems: list) -> str | None:
+    value = (section or {}).get(path.rsplit(".", 1)[-1])
+    if value is not None and (not isinstance(value, str) or not value):
+        problems.append((path, f"must be a non-empty string, got {show(value)}"))
+        return None
+    return value
+
+
 def _parse_storage(data: dict, problems: list, warnings: list) -> StorageConfiguration | None:
-    storage = data.get("storage")
+    storage = _section(data, "storage", problems, warnings)
     if storage is None:
         return None
-    if not isinstance(storage, dict):
-        problems.append(("storage", f"must be an object, got {type_name(storage)}"))
-        return None
-    _warn_unknown(storage, "storage", KNOWN_KEYS["storage"], warnings)
     kind = storage.get("type", "s3")
     if kind not in STORAGE_TYPES:
         hint = (" (artifact storage is not supported: keep the database in an S3-compatible "
                 "bucket, or use --local-db PATH)" if kind == "sqlite-artifact" else "")
         problems.append(("storage.type", f"got {show(kind)}; accepted: \"s3\" or \"sqlite-s3\"{hint}"))
-    s3 = storage.get("s3", {})
-    if not isinstance(s3, dict):
-        problems.append(("storage.s3", f"must be an object, got {type_name(s3)}"))
-        return StorageConfiguration()
-    _warn_unknown(s3, "storage.s3", KNOWN_KEYS["storage.s3"], warnings)
-    values = {}
-    for name in ("endpoint", "bucket", "region"):
-        value = s3.get(name)
-        if value is not None and (not isinstance(value, str) or not value):
-            problems.append((f"storage.s3.{name}", f"must be a non-empty string, got {show(value)}"))
-            value = None
-        values[name] = value
-    return StorageConfiguration("s3", S3Configuration(**values))
-
-
-def _parse_string_field(data: dict, block: str, name: str, problems: list, warnings: list) -> str | None:
-    section = data.get(block)
-    if section is None:
-        return None
-    if not isinstance(section, dict):
-        problems.append((block, f"must be an object, got {type_name(section)}"))
-        return None
-    _warn_unknown(section, block, KNOWN_KEYS[block], warnings)
-    value = section.get(name)
-    if value is not None and (not isinstance(value, str) or not value):
-        problems.append((f"{block}.{name}", f"must be a non-empty string, got {show(value)}"))
-        return None
-    return value
+    s3 = _section(storage, "storage.s3", problems, warnings)
+    return StorageConfiguration("s3", S3Configuration(
+        *(_string(s3, f"storage.s3.{name}", problems) for name in ("endpoint", "bucket", "region"))))
 
 
 def _parse_metrics(raw: Any, problems: list, warnings: list) -> list[MetricConfig]:
@@ -1089,18 +1079,17 @@ class S3Storage:
             # A retried PUT can land and still answer 412: look before calling it a conflict.
             head = self.stat(self.key)
             metadata = object_metadata(head or {})
-            if head and metadata.get("writer") == self.writer and metadata.get("sha256") == sha256:
-                response = head
-            else:
+            if not (head and metadata.get("writer") == self.writer and metadata.get("sha256") == sha256):
                 raise
+            return self._verify(sha256, size, head, head)
         except TrackMetricsError as exc:
             if exc.details.get("s3_code") == "NoSuchKey" and previous is not None:
                 raise Conflict("object deleted since download") from exc
             raise
-        return self._verify(sha256, size, response)
+        return self._verify(sha256, size, response, self.stat(self.key))
 
-    def _verify(self, sha256: str, size: int, response: dict) -> UploadResult:
-        head = self.stat(self.key)
+    def _verify(self, sha256: str, size: int, response: dict, head: dict | None) -> UploadResult:
+        """The object read back (HEAD) after the upload must be this run's, whole."""
         if head is None:
             raise TrackMetricsError("S3_UPLOAD_UNVERIFIED", f"{self.location} is missing right "
                                     "after the upload; the collected database is kept locally")
@@ -1226,8 +1215,6 @@ class LocalStorage:
     def backup(self, previous: DatabaseFile) -> None:
         """Local files are the user's own; no backup copy is made."""
 
-    verdict = "local"
-
 
 # ============================================================================================
 # Database
@@ -1295,21 +1282,22 @@ def open_database(path: Path) -> sqlite3.Connection:
     return connection
 
 
+UNTOUCHED = "the remote object was left untouched (see --on-corrupt)"
+
+
 def check_database(path: Path, integrity: str = "full") -> None:
     """Header, SQLite integrity check and schema; raises DB_NOT_SQLITE/DB_CORRUPT/DB_SCHEMA_UNKNOWN."""
     with open(path, "rb") as handle:
         header = handle.read(16)
     if header != SQLITE_HEADER:
         raise TrackMetricsError("DB_NOT_SQLITE", "the database object is not a SQLite file (its "
-                                "first 16 bytes are not 'SQLite format 3'); the remote object was "
-                                "left untouched (see --on-corrupt)")
+                                f"first 16 bytes are not 'SQLite format 3'); {UNTOUCHED}")
     pragma = "quick_check" if integrity == "quick" else "integrity_check"
     connection = open_database(path)
     try:
         rows = [row[0] for row in connection.execute(f"PRAGMA {pragma}(20)")]
         if rows != ["ok"]:
-            raise TrackMetricsError("DB_CORRUPT", f"SQLite {pragma} failed: {'; '.join(rows[:3])[:300]}"
-                                    "; the remote object was left untouched (see --on-corrupt)")
+            raise TrackMetricsError("DB_CORRUPT", f"SQLite {pragma} failed: {'; '.join(rows[:3])[:300]}; {UNTOUCHED}")
         objects = connection.execute("SELECT type, name FROM sqlite_master").fetchall()
         tables = {name for kind, name in objects if kind == "table"} - {"sqlite_sequence"}
         triggers = sorted(str(name) for kind, name in objects if kind == "trigger")
@@ -1331,8 +1319,7 @@ def check_database(path: Path, integrity: str = "full") -> None:
                                     f"{max(versions)}, newer than this tool's {SCHEMA_VERSION}; "
                                     "upgrade track_metrics")
     except sqlite3.DatabaseError as exc:
-        raise TrackMetricsError("DB_CORRUPT", f"SQLite cannot read the database: {exc}; the remote "
-                                "object was left untouched (see --on-corrupt)") from exc
+        raise TrackMetricsError("DB_CORRUPT", f"SQLite cannot read the database: {exc}; {UNTOUCHED}") from exc
     finally:
         connection.close()
 
@@ -2211,7 +2198,7 @@ class TrackingRun:
             self.console.warning("conditional writes are off (--no-conditional-writes): runs that "
                                  "upload at the same time can lose each other's builds")
             return
-        if self.storage.verdict == "local" or (
+        if isinstance(self.storage, LocalStorage) or (
                 self.expected and self.expected.metadata.get("conditional-writes") == self.storage.verdict):
             return
         accepted = self.storage.probe_conditional_writes()
@@ -2509,9 +2496,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--timeout", metavar="SECONDS", help="deadline for the whole run (default: 300)")
     add("--request-timeout", metavar="SECONDS", help="per-request S3 timeout (default: 30)")
     add("--retry-attempts", metavar="N", help="attempts per S3 request (default: 5)")
-    add("--commit")
-    add("--branch")
-    add("--run-id")
+    for flag in ("--commit", "--branch", "--run-id"):
+        add(flag, help="the build's context, when CI or git cannot tell")
     add("--run-number", type=int)
     add("--json", action="store_true", help="print the result as JSON on stdout (logs go to stderr)")
     add("--verbose", action="store_true")

@@ -68,18 +68,27 @@ def test_a_non_sqlite_object_fails_and_is_left_untouched(run_cli, s3_server, buc
     assert get_object(s3_server, bucket, "unentropy.db.bak") is None
 
 
-def test_a_foreign_sqlite_database_is_refused(run_cli, s3_server, bucket, tmp_path):
+def upload_crafted(s3_server, bucket, path, statement, start_from=None) -> bytes:
+    """Put a SQLite file made by `statement` (on a copy of `start_from`) as the database object."""
+    import shutil
     import sqlite3
-    path = tmp_path / "foreign.db"
+    if start_from:
+        shutil.copyfile(start_from, path)
     connection = sqlite3.connect(path)
-    connection.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
+    connection.execute(statement)
     connection.commit()
     connection.close()
     s3_server.client().put_object(Bucket=bucket, Key="unentropy.db", Body=path.read_bytes())
+    return path.read_bytes()
+
+
+def test_a_foreign_sqlite_database_is_refused(run_cli, s3_server, bucket, tmp_path):
+    data = upload_crafted(s3_server, bucket, tmp_path / "foreign.db",
+                          "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT)")
     result = run_cli.track(write_config(tmp_path, SIMPLE_METRICS), "--json")
     assert result.returncode == 1
     assert result.json()["error"]["code"] == "DB_SCHEMA_UNKNOWN"
-    assert get_object(s3_server, bucket) == path.read_bytes()
+    assert get_object(s3_server, bucket) == data
 
 
 def test_an_unreachable_endpoint_is_a_retryable_network_error(run_cli, tmp_path):
@@ -93,17 +102,11 @@ def test_an_unreachable_endpoint_is_a_retryable_network_error(run_cli, tmp_path)
 
 def test_a_database_with_triggers_is_refused(run_cli, s3_server, bucket, tmp_path):
     """A trigger would run on this tool's inserts (and could delete the history)."""
-    import shutil
-    import sqlite3
     from conftest import FIXTURES
-    path = tmp_path / "trap.db"
-    shutil.copyfile(FIXTURES / "unentropy-0.3.16.db", path)
-    connection = sqlite3.connect(path)
-    connection.execute("CREATE TRIGGER wipe AFTER INSERT ON metric_values BEGIN DELETE FROM build_contexts; END")
-    connection.commit()
-    connection.close()
-    s3_server.client().put_object(Bucket=bucket, Key="unentropy.db", Body=path.read_bytes())
+    data = upload_crafted(s3_server, bucket, tmp_path / "trap.db",
+                          "CREATE TRIGGER wipe AFTER INSERT ON metric_values BEGIN DELETE FROM build_contexts; END",
+                          start_from=FIXTURES / "unentropy-0.3.16.db")
     result = run_cli.track(write_config(tmp_path, SIMPLE_METRICS), "--json")
     assert result.returncode == 1
     assert result.json()["error"]["code"] == "DB_SCHEMA_UNKNOWN" and "triggers" in result.json()["error"]["message"]
-    assert get_object(s3_server, bucket) == path.read_bytes()
+    assert get_object(s3_server, bucket) == data
