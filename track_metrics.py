@@ -122,12 +122,6 @@ class TrackMetricsError(Exception):
         self.details = dict(details or {})
         self.secrets: Sequence[str] = ()  # values to redact that came with the error
 
-    @property
-    def exit_code(self) -> int:
-        if self.code.startswith(("CONFIG_", "PARAM_")):
-            return EXIT_USAGE
-        return EXIT_RETRYABLE if self.retryable else EXIT_FAILED
-
 
 class Cancelled(BaseException):
     """Raised from a signal handler. A BaseException, so that no broad `except Exception`
@@ -2066,7 +2060,9 @@ class WorkflowError:
 
     @property
     def exit_code(self) -> int:
-        return TrackMetricsError(self.code, "", retryable=self.retryable).exit_code
+        if self.code.startswith(("CONFIG_", "PARAM_")):
+            return EXIT_USAGE
+        return EXIT_RETRYABLE if self.retryable else EXIT_FAILED
 
 
 @dataclass
