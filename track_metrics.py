@@ -253,8 +253,8 @@ STORAGE_TYPES = ("s3", "sqlite-s3")
 SECRET_FIELDS = {"accesskeyid", "secretaccesskey", "sessiontoken", "access_key_id",
                  "secret_access_key", "session_token", "access-key-id", "secret-access-key",
                  "session-token"}
-METRIC_ID = re.compile(r"^[a-z0-9-]{1,64}$")
-REGION = re.compile(r"^[a-z0-9-]+$")
+METRIC_ID = re.compile(r"[a-z0-9-]{1,64}")  # always fullmatch: `$` would let "id\n" through
+REGION = re.compile(r"[a-z0-9-]+")
 KNOWN_KEYS = {
     "": {"storage", "database", "report", "metrics", "$schema"},
     "storage": {"type", "s3"},
@@ -403,7 +403,7 @@ def _parse_metrics(raw: Any, problems: list, warnings: list) -> list[MetricConfi
 
 def _parse_metric(path: str, metric_id: Any, body: Any, problems: list, warnings: list) -> MetricConfig | None:
     before = len(problems)
-    if not isinstance(metric_id, str) or not METRIC_ID.match(metric_id):
+    if not isinstance(metric_id, str) or not METRIC_ID.fullmatch(metric_id):
         problems.append((f"{path}" if path.startswith("metrics.") else f"{path}.name",
                          f"metric id {show(metric_id)} is invalid; accepted: 1-64 characters of "
                          "lowercase letters, digits and '-'"))
@@ -665,7 +665,7 @@ def _s3_settings(sources: _Sources, config: Config, config_path: Path, problems:
         missing.append(("bucket", "--bucket, input s3-bucket or storage.s3.bucket in the file"))
     elif why := bucket_problem(bucket[0]):
         problems.append((bucket[1], f"{show(bucket[0])} {why}"))
-    if region and not REGION.match(region[0]):
+    if region and not REGION.fullmatch(region[0]):
         problems.append((region[1], f"{show(region[0])} is invalid; accepted: lowercase "
                          "letters, digits and '-' (e.g. eu-west-1, or auto for R2)"))
     return S3Configuration(endpoint[0] if endpoint else None, bucket[0] if bucket else None,
@@ -901,6 +901,8 @@ class S3Client:
         from botocore.awsrequest import AWSRequest
         headers["Host"] = host
         headers["User-Agent"] = f"track_metrics/{__version__}"
+        if method in ("PUT", "POST") and not any(name.lower() == "content-length" for name in headers):
+            headers["Content-Length"] = str(body_length(body))  # S3 answers 411 without it
         request = AWSRequest(method=method, url=f"{self.scheme}://{host}{target}", data=body, headers=headers)
         request.context["payload_sha256"] = body_sha256
         self.signer.add_auth(request)
@@ -950,6 +952,15 @@ class S3Client:
             self._connection = None
 
 
+def body_length(body: Any) -> int:
+    """The bytes a request body will send: every request is framed by its Content-Length."""
+    if body is None:
+        return 0
+    if hasattr(body, "fileno"):
+        return os.fstat(body.fileno()).st_size - body.tell()
+    return len(body)
+
+
 def parse_error(status: int, body: bytes) -> S3Error:
     """The Code and Message of an S3 XML error body (HEAD answers have none: the status stands)."""
     code = message = ""
@@ -982,6 +993,8 @@ class S3Storage:
         self.console = console
         self.writer = writer
         self.http = S3Client(params, os.environ if environ is None else environ)
+        self._etag_mismatch: str | None = None  # SHA-256 of a download its ETag did not match
+        self.landed = False  # the storage accepted this run's upload
 
     def _call(self, action: str, method: str, key: str, **request: Any) -> tuple[int, dict, bytes]:
         self.console.debug(f"  {action} s3://{self.bucket}/{key}")
@@ -1020,12 +1033,16 @@ class S3Storage:
             raise
         headers = {k.lower(): v for k, v in response.getheaders()}
         expected = int(headers.get("content-length", -1))
+        metadata = object_metadata(headers)
+        md5 = None if metadata.get("sha256") else content_md5(headers)
         digest, size = hashlib.sha256(), 0
         try:
             with open(dest, "wb") as handle:
                 while chunk := response.read(CHUNK_SIZE):
                     handle.write(chunk)
                     digest.update(chunk)
+                    if md5:
+                        md5.update(chunk)
                     size += len(chunk)
         except self.http.errors as exc:
             self.http.close()
@@ -1034,7 +1051,6 @@ class S3Storage:
             raise TrackMetricsError("S3_NETWORK", f"reading the body of {location} failed "
                                     f"after {size} bytes: {type(exc).__name__}", retryable=True)
         sha256 = digest.hexdigest()
-        metadata = object_metadata(headers)
         if expected >= 0 and size != expected:
             self.http.close()
             raise TrackMetricsError("CHECKSUM_MISMATCH", f"{location}: received {size} bytes "
@@ -1043,6 +1059,17 @@ class S3Storage:
             raise TrackMetricsError("CHECKSUM_MISMATCH", f"{location}: SHA-256 of the "
                                     f"downloaded bytes is {sha256}, the object's metadata says "
                                     f"{metadata['sha256']}", retryable=True)
+        etag = headers.get("etag", "").strip('"').lower()
+        if md5 and md5.hexdigest() != etag:
+            if self._etag_mismatch == sha256:  # the same bytes twice: the ETag is not their MD5
+                self.console.warning(f"{location}: its ETag is not the MD5 of its content (the "
+                                     "provider computes it otherwise), so this download was "
+                                     "checked by downloading it twice instead")
+            else:
+                self._etag_mismatch = sha256
+                raise TrackMetricsError("CHECKSUM_MISMATCH", f"{location}: MD5 of the downloaded "
+                                        f"bytes is {md5.hexdigest()}, the object's ETag says {etag}",
+                                        retryable=True)
         return DatabaseFile(key, size, headers.get("last-modified"), headers.get("etag"),
                             headers.get("x-amz-version-id"), sha256, location, metadata)
 
@@ -1055,16 +1082,17 @@ class S3Storage:
                 return None
             raise
 
-    def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str,
-              size: int, generation: int) -> UploadResult:
-        """One streaming PUT from the file, conditional on the object we started from."""
+    def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str, size: int,
+              generation: int, successor_holds_build: Callable[[], bool]) -> UploadResult:
+        """One streaming PUT from the file, conditional on the object we started from, and the
+        proof that the object now holds this run's build."""
         check_upload_size(size)
         headers = {"Content-Length": str(size), "Content-MD5": md5, "Content-Type": CONTENT_TYPE,
                    "x-amz-meta-sha256": sha256, "x-amz-meta-tool-version": __version__,
                    "x-amz-meta-writer": self.writer, "x-amz-meta-generation": str(generation)}
         if self.params.conditional_writes:
             headers["x-amz-meta-conditional-writes"] = self.verdict
-            headers.update({"If-Match": previous.etag} if previous else {"If-None-Match": "*"})
+            headers.update({"If-Match": require_etag(previous)} if previous else {"If-None-Match": "*"})
         try:
             with open(path, "rb") as body:
                 response = self._call("PutObject", "PUT", self.key, headers=headers, body=body,
@@ -1072,43 +1100,64 @@ class S3Storage:
         except Conflict:
             # A retried PUT can land and still answer 412: look before calling it a conflict.
             head = self.stat(self.key)
-            metadata = object_metadata(head or {})
-            if not (head and metadata.get("writer") == self.writer and metadata.get("sha256") == sha256):
+            if not self._is_ours(head, sha256):
                 raise
-            return self._verify(sha256, size, head, head)
+            response = head
         except TrackMetricsError as exc:
             if exc.details.get("s3_code") == "NoSuchKey" and previous is not None:
                 raise Conflict("object deleted since download") from exc
-            raise
-        return self._verify(sha256, size, response, self.stat(self.key))
+            if not exc.retryable:
+                raise
+            # Every answer was lost or refused: the PUT may have landed all the same.
+            try:
+                return self._verify(sha256, size, generation, self.stat(self.key), successor_holds_build)
+            except TrackMetricsError:
+                raise exc from None
+        self.landed = True  # the storage accepted it; what follows only proves it
+        return self._verify(sha256, size, generation, self.stat(self.key), successor_holds_build,
+                            response)
 
-    def _verify(self, sha256: str, size: int, response: dict, head: dict | None) -> UploadResult:
-        """The object read back (HEAD) after the upload must be this run's, whole."""
+    def _is_ours(self, head: dict | None, sha256: str) -> bool:
+        metadata = object_metadata(head or {})
+        return head is not None and metadata.get("writer") == self.writer and metadata.get("sha256") == sha256
+
+    def _verify(self, sha256: str, size: int, generation: int, head: dict | None,
+                successor_holds_build: Callable[[], bool], response: dict | None = None) -> UploadResult:
+        """Success needs proof: the object read back (HEAD) is this run's upload, whole, or a
+        successor (a higher generation by another writer) whose history holds this build."""
         if head is None:
             raise TrackMetricsError("S3_UPLOAD_UNVERIFIED", f"{self.location} is missing right "
-                                    "after the upload; the collected database is kept locally")
+                                    "after the upload")
         metadata = object_metadata(head)
-        ours = metadata.get("writer") == self.writer and metadata.get("sha256") == sha256
-        if ours and int(head.get("content-length", -1)) != size:
-            raise TrackMetricsError("S3_UPLOAD_UNVERIFIED", f"{self.location} holds "
-                                    f"{head.get('content-length')} bytes after uploading {size}")
-        if not ours and self.params.conditional_writes:
-            # Another run wrote on top of ours, which it can only do by If-Match on our ETag.
-            self.console.info("upload: a concurrent run has already updated the object after ours")
-        elif not ours:
-            raise TrackMetricsError("S3_UPLOAD_UNVERIFIED", f"{self.location} does not hold this "
-                                    "run's upload (another writer replaced it; without conditional "
-                                    "writes its builds may have been lost)")
-        return UploadResult(self.key, response.get("etag"), response.get("x-amz-version-id"), size,
-                            head.get("last-modified"), sha256)
+        result = UploadResult(self.key, (response or head).get("etag"),
+                              (response or head).get("x-amz-version-id"), size,
+                              head.get("last-modified"), sha256)
+        if self._is_ours(head, sha256):
+            if int(head.get("content-length", -1)) != size:
+                raise TrackMetricsError("S3_UPLOAD_UNVERIFIED", f"{self.location} holds "
+                                        f"{head.get('content-length')} bytes after uploading {size}")
+            self.landed = True
+            return result
+        successor = metadata.get("generation", "")
+        if successor.isdigit() and int(successor) > generation and metadata.get("sha256") != sha256 \
+                and successor_holds_build():
+            self.landed = True
+            self.console.info("upload: a concurrent run has already updated the object after ours, "
+                              "and its history holds this build")
+            return result
+        raise TrackMetricsError(
+            "S3_UPLOAD_UNVERIFIED", f"{self.location} does not hold this run's build although "
+            f"the storage accepted the upload: it holds generation {successor[:20] or 'unknown'} "
+            "by another writer, not a successor with this build in it (the storage dropped the "
+            "write, or a writer without conditional writes replaced it)")
 
     def copy(self, previous: DatabaseFile, target: str) -> None:
-        """Server-side copy of exactly the version that was downloaded (412 if it changed)."""
+        """Server-side copy of the current object, only while it is still the one that was
+        downloaded (412 if it changed). Never by version id: a slow run that lost the race
+        would copy an old version over a newer one."""
         from urllib.parse import quote
-        source = f"/{self.bucket}/{quote(self.key, safe='/~')}"
-        if previous.version_id:
-            source += f"?versionId={quote(previous.version_id, safe='')}"
-        headers = {"x-amz-copy-source": source, "x-amz-metadata-directive": "COPY"}
+        headers = {"x-amz-copy-source": f"/{self.bucket}/{quote(self.key, safe='/~')}",
+                   "x-amz-metadata-directive": "COPY"}
         if previous.etag:
             headers["x-amz-copy-source-if-match"] = previous.etag
         _, _, body = self._call("CopyObject", "PUT", target, headers=headers)
@@ -1174,18 +1223,67 @@ class S3Storage:
         return versions  # S3 lists a key's versions newest first
 
 
+def content_md5(headers: Mapping[str, str]):
+    """An MD5 to check a download against, when its ETag is the MD5 of the content: S3 and
+    most providers make it so for a single-part upload without KMS or customer-key encryption."""
+    etag = headers.get("etag", "").strip('"')
+    encryption = headers.get("x-amz-server-side-encryption", "").lower()
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", etag) or encryption.startswith("aws:kms") \
+            or "x-amz-server-side-encryption-customer-algorithm" in headers:
+        return None
+    return hashlib.md5(usedforsecurity=False)
+
+
+def require_etag(previous: DatabaseFile) -> str:
+    if not previous.etag:
+        raise TrackMetricsError(
+            "S3_NO_ETAG", f"the storage answered the download of {previous.location} without an "
+            "ETag, which a conditional write needs; nothing was written. If only one run at a "
+            "time ever writes this key, pass --no-conditional-writes")
+    return previous.etag
+
+
 def object_metadata(headers: Mapping[str, str]) -> dict[str, str]:
     return {name[len("x-amz-meta-"):]: value for name, value in headers.items()
             if name.lower().startswith("x-amz-meta-")}
 
 
 class LocalStorage:
-    """A database file on this machine (--local-db): same pipeline, no network."""
+    """A database file on this machine (--local-db): same pipeline, no network. A run holds an
+    exclusive lock on the file's folder from download to upload, so two runs at once queue
+    instead of losing a build."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, console: Console | None = None):
         self.path = path
         self.key = path.name
         self.location = str(path)
+        self.console = console
+        self.landed = False
+        self._lock: int | None = None
+
+    def lock(self) -> None:
+        """Take the folder's lock (waiting for another run to finish), then tidy what a killed
+        run left: with the lock held, no staging file can belong to a live run."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; the SHA-256 check in store still guards
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if self.console:
+                self.console.info(f"download: another run is using {self.location}; waiting for it")
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+        import glob
+        for stale in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
 
     def fetch(self, dest: Path) -> DatabaseFile | None:
         if not self.path.exists():
@@ -1195,15 +1293,29 @@ class LocalStorage:
         modified = dt.datetime.fromtimestamp(self.path.stat().st_mtime, dt.timezone.utc)
         return DatabaseFile(self.key, size, iso(modified), sha256, None, sha256, self.location)
 
-    def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str,
-              size: int, generation: int) -> UploadResult:
+    def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str, size: int,
+              generation: int, successor_holds_build: Callable[[], bool]) -> UploadResult:
         current = file_digests(self.path)[0] if self.path.exists() else None
         if current != (previous.sha256 if previous else None):
             raise Conflict("the local database changed during the run")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        shutil.copyfile(path, staging)
-        os.replace(staging, self.path)  # atomic: readers see the old file or the new one
+        try:
+            with open(path, "rb") as source, open(staging, "wb") as target:
+                shutil.copyfileobj(source, target, CHUNK_SIZE)
+                target.flush()
+                os.fsync(target.fileno())  # on disk before the rename makes it the database
+            os.replace(staging, self.path)  # atomic: readers see the old file or the new one
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+        with contextlib.suppress(OSError):  # the rename itself, durable where folders sync
+            folder = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        self.landed = True
         return UploadResult(self.key, sha256, None, size, iso(dt.datetime.now(dt.timezone.utc)), sha256)
 
     def backup(self, previous: DatabaseFile) -> None:
@@ -1268,6 +1380,19 @@ REQUIRED_COLUMNS = {
 }
 
 
+UNIQUE_KEYS = {"metric_definitions": ("id",), "build_contexts": ("commit_sha", "run_id"),
+               "metric_values": ("metric_id", "build_id")}
+
+
+def has_unique_key(connection: sqlite3.Connection, table: str, columns: Sequence[str]) -> bool:
+    """Whether `table` has a UNIQUE (or PRIMARY KEY) index on exactly `columns`, not partial."""
+    for _, name, unique, _, partial in connection.execute(f"PRAGMA index_list({table})"):
+        if unique and not partial and tuple(row[2] for row in connection.execute(
+                "SELECT * FROM pragma_index_info(?)", (name,))) == tuple(columns):
+            return True
+    return False
+
+
 def open_database(path: Path) -> sqlite3.Connection:
     """Open an untrusted database file: no schema-defined functions, no extensions."""
     connection = sqlite3.connect(str(path), isolation_level=None)
@@ -1307,11 +1432,18 @@ def check_database(path: Path, integrity: str = "full") -> None:
                     "DB_SCHEMA_UNKNOWN", f"the database is SQLite but not a metrics database "
                     f"(table {table} {'lacks ' + ', '.join(sorted(columns - found)) if found else 'is missing'}; "
                     f"tables found: {', '.join(sorted(tables))[:200]})")
-        versions = [row[0] for row in connection.execute("SELECT version FROM schema_version")]
-        if any(str(v).split(".")[0].isdigit() and int(str(v).split(".")[0]) > 2 for v in versions):
-            raise TrackMetricsError("DB_SCHEMA_UNKNOWN", f"the database has schema version "
-                                    f"{max(versions)}, newer than this tool's {SCHEMA_VERSION}; "
-                                    "upgrade track_metrics")
+        for table, columns in UNIQUE_KEYS.items():
+            if not has_unique_key(connection, table, columns):
+                raise TrackMetricsError(
+                    "DB_SCHEMA_UNKNOWN", f"the database is not a metrics database this tool can "
+                    f"write: table {table} has no UNIQUE key on ({', '.join(columns)}), which "
+                    "recording a build relies on; refusing to write to it")
+        versions = [str(row[0]) for row in connection.execute("SELECT version FROM schema_version")]
+        newer = [v for v in versions if v.split(".")[0].isdigit() and int(v.split(".")[0]) > 2]
+        if newer:  # not damage: --on-corrupt never acts on it
+            raise TrackMetricsError("DB_SCHEMA_NEWER", f"the database has schema version "
+                                    f"{max(newer)[:40]}, newer than this tool's {SCHEMA_VERSION}; "
+                                    "upgrade track_metrics. The object was left untouched")
     except sqlite3.DatabaseError as exc:
         raise TrackMetricsError("DB_CORRUPT", f"SQLite cannot read the database: {exc}; {UNTOUCHED}") from exc
     finally:
@@ -1339,12 +1471,12 @@ class BuildContext:
 
 
 def record_build(connection: sqlite3.Connection, build: BuildContext,
-                 metrics: Sequence[MetricConfig], values: Mapping[str, Any]) -> tuple[int, list[str]]:
+                 metrics: Sequence[MetricConfig], values: Mapping[str, Any]) -> tuple[int, dict[str, str]]:
     """Record one build's values, idempotent on (commit_sha, run_id): a re-run replaces them.
 
-    Returns the build id and a warning per value that could not be recorded."""
+    Returns the build id and, per metric that could not be recorded, why."""
     ensure_schema(connection)
-    warnings = []
+    skipped: dict[str, str] = {}
     connection.execute("BEGIN IMMEDIATE")
     try:
         stored = dict(connection.execute("SELECT id, type FROM metric_definitions"))
@@ -1367,9 +1499,9 @@ def record_build(connection: sqlite3.Connection, build: BuildContext,
             if metric.id not in values:
                 continue
             if stored.get(metric.id, metric.type) != metric.type:
-                warnings.append(f"{metric.id}: not recorded: the database has it as a "
-                                f"{stored[metric.id]} metric, the configuration as {metric.type}; "
-                                "give the metric a new id to change its type")
+                skipped[metric.id] = (f"not recorded: the database has it as a {stored[metric.id]} "
+                                      f"metric, the configuration as {metric.type}; give the metric "
+                                      "a new id to change its type")
                 continue
             connection.execute("INSERT OR IGNORE INTO metric_definitions (id, type, unit, description)"
                                " VALUES (?, ?, ?, ?)", (metric.id, metric.type, metric.unit,
@@ -1385,7 +1517,80 @@ def record_build(connection: sqlite3.Connection, build: BuildContext,
     except BaseException:
         connection.execute("ROLLBACK")
         raise
-    return build_id, warnings
+    return build_id, skipped
+
+
+def salvage_rows(damaged: Path) -> tuple[list, list, list]:
+    """What can still be read of a damaged metrics database: its definitions, builds and
+    values, each table scanned without its indexes up to the first unreadable page."""
+    queries = ("SELECT id, type, unit, description FROM metric_definitions NOT INDEXED",
+               "SELECT id, commit_sha, branch, run_id, run_number, event_name, timestamp"
+               " FROM build_contexts NOT INDEXED",
+               "SELECT metric_id, build_id, value_numeric, value_label FROM metric_values NOT INDEXED")
+    tables: list[list] = []
+    try:
+        connection = sqlite3.connect(damaged.resolve().as_uri() + "?mode=ro&immutable=1", uri=True)
+    except sqlite3.Error:
+        return [], [], []
+    try:
+        connection.execute("PRAGMA trusted_schema=OFF")
+        for query in queries:
+            rows: list = []
+            with contextlib.suppress(sqlite3.DatabaseError):
+                for row in connection.execute(query):
+                    rows.append(row)
+            tables.append(rows)
+    except sqlite3.DatabaseError:
+        return [], [], []
+    finally:
+        connection.close()
+    return tables[0], tables[1], tables[2]
+
+
+def merge_salvage(connection: sqlite3.Connection, definitions: list, builds: list, values: list) -> int:
+    """Add the salvaged builds that the database lacks (by commit and run id), with their
+    values where the metric's type agrees; returns how many builds were added."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        known = dict(connection.execute("SELECT id, type FROM metric_definitions"))
+        for row in definitions:
+            if row[0] not in known and connection.execute(
+                    "INSERT OR IGNORE INTO metric_definitions (id, type, unit, description)"
+                    " VALUES (?, ?, ?, ?)", row).rowcount:
+                known[row[0]] = row[1]
+        added = {}
+        for old_id, *fields in builds:
+            cursor = connection.execute(
+                "INSERT OR IGNORE INTO build_contexts (commit_sha, branch, run_id, run_number,"
+                " event_name, timestamp) VALUES (?, ?, ?, ?, ?, ?)", fields)
+            if cursor.rowcount:
+                added[old_id] = cursor.lastrowid
+        for metric_id, build_id, numeric, label in values:
+            if build_id in added and (known.get(metric_id) == "numeric") == (numeric is not None):
+                connection.execute("INSERT OR IGNORE INTO metric_values (metric_id, build_id,"
+                                   " value_numeric, value_label) VALUES (?, ?, ?, ?)",
+                                   (metric_id, added[build_id], numeric, label))
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return len(added)
+
+
+def holds_build(path: Path, build: BuildContext, values: Mapping[str, Any]) -> bool:
+    """Whether a database file holds this build with these values (read-only)."""
+    connection = open_database(path)
+    try:
+        row = connection.execute("SELECT id FROM build_contexts WHERE commit_sha = ? AND run_id = ?",
+                                 (build.commit_sha, build.run_id)).fetchone()
+        stored = {} if row is None else {metric: numeric if numeric is not None else label
+                                         for metric, numeric, label in connection.execute(
+            "SELECT metric_id, value_numeric, value_label FROM metric_values WHERE build_id = ?", row)}
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        connection.close()
+    return row is not None and all(stored.get(metric) == value for metric, value in values.items())
 
 
 def bump_generation(connection: sqlite3.Connection) -> int:
@@ -1421,12 +1626,14 @@ def prepare_upload(path: Path, integrity: str) -> tuple[str, str, int]:
 # Collection
 # ============================================================================================
 
-NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 def parse_value(output: str, kind: str) -> Any:
     """The value of a metric: the last non-empty line of its stdout, trimmed."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    # Only \n ends a line (\r\n too, by the strip): splitlines() would also cut a label at
+    # U+2028, U+0085 and other characters a command may legitimately print.
+    lines = [line.strip() for line in output.split("\n") if line.strip()]
     if not lines:
         raise ValueError("the command printed nothing on stdout")
     text = lines[-1]
@@ -1434,7 +1641,7 @@ def parse_value(output: str, kind: str) -> Any:
         if len(text) > 256:
             raise ValueError(f"a label is at most 256 characters, got {len(text)}")
         return text
-    if not NUMBER.match(text) or not math.isfinite(float(text)):
+    if not NUMBER.fullmatch(text) or not math.isfinite(float(text)):
         raise ValueError(f"expected a finite number such as 42, -3.5 or 1e3; got {text[:60]!r}")
     return float(text)
 
@@ -2118,6 +2325,7 @@ class TrackingRun:
         self.base: Path | None = None  # the database this run's values are added to
         self.build: BuildContext | None = None
         self.values: dict[str, Any] = {}
+        self.recorded: dict[str, Any] = {}  # the values the database took
         self.working = self.workspace / "working.db"
         self.command = "run"
         self.backup_allowed = False
@@ -2171,10 +2379,12 @@ class TrackingRun:
     def download(self) -> None:
         with self.phase("download") as phase:
             if self.params.local_db is not None:
-                self.storage = LocalStorage(self.params.local_db)
+                self.storage = LocalStorage(self.params.local_db, self.console)
+                if self.command == "run":
+                    self.storage.lock()
             else:
                 self.storage = S3Storage(self.params, self.console, self.writer, self.environ)
-            self.expected = self.storage.fetch(self.workspace / "downloaded.db")
+            self.fetch_expected()
             if self.expected is None:
                 phase.metadata["first_run"] = True
                 self.console.info(f"download: {self.storage.location} does not exist yet; "
@@ -2186,6 +2396,13 @@ class TrackingRun:
                                   f"sha256 {self.expected.sha256[:12]}…")
             if self.command == "run":
                 self.check_conditional_writes(phase)
+
+    def fetch_expected(self) -> None:
+        """(Re)download the object the next upload must replace."""
+        self.expected = self.storage.fetch(self.workspace / "downloaded.db")
+        if self.expected and self.command == "run" and isinstance(self.storage, S3Storage) \
+                and self.params.conditional_writes:
+            require_etag(self.expected)  # before anything, a backup copy included, is written
 
     def check_conditional_writes(self, phase: WorkflowPhase) -> None:
         """Refuse to write to a provider that silently ignores If-Match: it would lose builds.
@@ -2208,31 +2425,76 @@ class TrackingRun:
 
     def validate(self) -> None:
         with self.phase("validate") as phase:
-            self.base = self.load_base(self.workspace / "downloaded.db")
+            for attempt in range(self.params.max_conflict_retries + 1):
+                try:
+                    self.base = self.load_base(self.workspace / "downloaded.db")
+                    break
+                except Conflict:  # the object changed while this run was setting it aside
+                    self.conflict_pause(attempt, "validate: the object changed while it was being "
+                                        "checked; checking the newer version")
+                    self.fetch_expected()
             phase.metadata["builds"] = self.result.total_builds = count_builds(self.base)
+
+    def conflict_pause(self, attempt: int, message: str) -> None:
+        """Wait before another try at a changed object; past the last try, S3_CONFLICT."""
+        if attempt == self.params.max_conflict_retries:
+            raise TrackMetricsError(
+                "S3_CONFLICT", f"{self.storage.location} kept changing under this run "
+                f"({attempt + 1} attempts); concurrent runs are writing the same key. "
+                "Re-run the job", retryable=True)
+        delay = min(5.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5)
+        self.console.info(f"{message} (retry in {delay:.2f} s)")
+        time.sleep(delay)
 
     def load_base(self, downloaded: Path) -> Path:
         """The database this run builds on: the download when it is sound, a new one on the
-        first run, or what --on-corrupt says when the object is damaged."""
+        first run, or what --on-corrupt says when the object is damaged. Damage counts only
+        when a second download gives the same bytes (a transit error is not damage), and
+        nothing is replaced before the damaged object is kept aside and its readable rows
+        are salvaged into the continued history."""
         self.backup_allowed = self.expected is not None
         if self.expected is None:
             return self.new_database()
-        try:
-            check_database(downloaded, self.params.integrity)
+        damage = self.damage(downloaded)
+        if damage is None:
             return downloaded
-        except TrackMetricsError as exc:
-            if exc.code not in ("DB_NOT_SQLITE", "DB_CORRUPT", "DB_SCHEMA_UNKNOWN") \
-                    or self.params.on_corrupt == "fail" or self.command != "run" \
-                    or not isinstance(self.storage, S3Storage):
-                raise
-            self.backup_allowed = False  # never let a damaged object replace a good .bak
-            if self.params.on_corrupt == "recreate":
-                keep = f"{self.storage.key}.corrupt-{now_utc().strftime('%Y%m%dT%H%M%SZ')}"
-                self.storage.copy(self.expected, keep)
-                self.console.warning(f"{exc.message.split(';')[0]}; kept it as s3://"
-                                     f"{self.storage.bucket}/{keep} and started a new database")
-                return self.new_database()
-            return self.restore(exc)
+        if self.params.on_corrupt == "fail" or self.command != "run":
+            raise damage
+        self.backup_allowed = False  # never let a damaged object replace a good .bak
+        base = self.restore(damage) if self.params.on_corrupt == "restore" else None
+        keep = f"{self.storage.key}.corrupt-{now_utc().strftime('%Y%m%dT%H%M%SZ')}"
+        self.storage.copy(self.expected, keep)  # 412 (Conflict) if the object changed meanwhile
+        base = base or self.new_database()
+        connection = open_database(base)
+        try:
+            salvaged = merge_salvage(connection, *salvage_rows(downloaded))
+        finally:
+            connection.close()
+        self.console.warning(f"{damage.message.split(';')[0]}; kept it as s3://{self.storage.bucket}/"
+                             f"{keep}; {count(salvaged, 'build')} still readable in it carried over")
+        return base
+
+    def damage(self, downloaded: Path) -> TrackMetricsError | None:
+        """Why the downloaded object is damaged, confirmed by downloading it again; None when
+        it is sound (then `downloaded` holds a sound copy)."""
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            try:
+                check_database(downloaded, self.params.integrity)
+                return None
+            except TrackMetricsError as exc:
+                if exc.code not in ("DB_NOT_SQLITE", "DB_CORRUPT") or not isinstance(self.storage, S3Storage):
+                    raise  # not damage (a newer or foreign schema): never --on-corrupt's business
+                found = exc
+                again = self.storage.fetch(self.workspace / "again.db")
+                if again is None:
+                    raise Conflict("the object was deleted since the download") from exc
+                if again.sha256 == self.expected.sha256:
+                    return exc
+                self.console.warning(f"download: the object's bytes differed between two downloads "
+                                     f"({exc.code} in the first); checking the newer download")
+                os.replace(self.workspace / "again.db", downloaded)
+                self.expected = again
+        return found
 
     def restore(self, damage: TrackMetricsError) -> Path:
         """The newest valid backup: an older version of the object, else `<key>.bak`."""
@@ -2301,25 +2563,19 @@ class TrackingRun:
     def upload(self) -> None:
         with self.phase("upload") as phase:
             for attempt in range(self.params.max_conflict_retries + 1):
-                sha256, md5, size = self.apply_build()
                 try:
+                    if attempt:
+                        self.fetch_expected()
+                        self.base = self.load_base(self.workspace / "downloaded.db")
+                    sha256, md5, size = self.apply_build()
                     if self.params.backup and self.backup_allowed:
                         self.storage.backup(self.expected)
                     uploaded = self.storage.store(self.working, self.expected, sha256, md5, size,
-                                                  self.generation)
+                                                  self.generation, self.successor_holds_build)
                     break
                 except Conflict:
-                    if attempt == self.params.max_conflict_retries:
-                        raise TrackMetricsError(
-                            "S3_CONFLICT", f"{self.storage.location} kept changing under this run "
-                            f"({attempt + 1} attempts); concurrent runs are writing the same key. "
-                            "Re-run the job", retryable=True)
-                    delay = min(5.0, 0.05 * 2 ** attempt) * random.uniform(0.5, 1.5)
-                    self.console.info(f"upload: another run updated the database; adding this "
-                                      f"build to the newer version (retry in {delay:.2f} s)")
-                    time.sleep(delay)
-                    self.expected = self.storage.fetch(self.workspace / "downloaded.db")
-                    self.base = self.load_base(self.workspace / "downloaded.db")
+                    self.conflict_pause(attempt, "upload: another run updated the database; adding "
+                                        "this build to the newer version")
             phase.metadata.update(attempts=attempt + 1, size=size, sha256=sha256, etag=uploaded.etag)
             self.result.database = DatabaseFile(self.storage.key, size, uploaded.last_modified,
                                                 uploaded.etag, uploaded.version_id, sha256,
@@ -2327,6 +2583,15 @@ class TrackingRun:
             self.result.total_builds = count_builds(self.working)
             self.console.info(f"upload: {self.storage.location}: {size:,} bytes, "
                               f"{count(self.result.total_builds, 'build')}")
+
+    def successor_holds_build(self) -> bool:
+        """Whether the object another writer put after ours holds this run's build."""
+        successor = self.workspace / "successor.db"
+        try:
+            return self.storage.fetch(successor) is not None and \
+                holds_build(successor, self.build, self.recorded)
+        finally:
+            successor.unlink(missing_ok=True)
 
     def apply_build(self) -> tuple[str, str, int]:
         """Add this run's build to the base database (a conflict downloads a new base, so it is
@@ -2336,12 +2601,22 @@ class TrackingRun:
         connection = open_database(self.working)
         try:
             connection.execute("PRAGMA journal_mode=DELETE")
-            _, warnings = record_build(connection, self.build, self.config.metrics, self.values)
+            _, skipped = record_build(connection, self.build, self.config.metrics, self.values)
             self.generation = bump_generation(connection)
+        except sqlite3.Error as exc:
+            raise TrackMetricsError("DB_WRITE_FAILED", f"recording the build failed: {exc}; "
+                                    f"{UNTOUCHED.replace(' (see --on-corrupt)', '')}") from exc
         finally:
             connection.close()
-        for warning in warnings:
-            self.console.warning(warning)
+        for metric, reason in skipped.items():
+            self.console.warning(f"metric {metric} {reason}")
+            self.result.metrics_failed[metric] = reason
+        self.result.metrics_collected = [m for m in self.result.metrics_collected if m not in skipped]
+        self.recorded = {m: v for m, v in self.values.items() if m not in skipped}
+        if not self.recorded:
+            self.keep_workspace = False
+            raise TrackMetricsError("COLLECT_NOTHING", "no collected value could be recorded (see "
+                                    "the warnings above); nothing was uploaded", type="collection")
         check_upload_size(self.working.stat().st_size)
         return prepare_upload(self.working, self.params.integrity)
 
@@ -2365,10 +2640,20 @@ class TrackingRun:
             self.keep_workspace = False
 
     def cleanup(self) -> None:
+        if isinstance(self.storage, LocalStorage):
+            self.storage.unlock()
         uploaded = self.result.phase("upload").status == "completed"
         if self.keep_workspace and not uploaded and self.working.exists():
-            self.console.error(f"the collected database was not uploaded; it is kept at "
-                               f"{self.working} so its data can be recovered")
+            rerun = (f"re-run with --commit {self.build.commit_sha} --run-id {self.build.run_id} "
+                     "(the same build is then replaced, never duplicated)")
+            if self.storage is not None and self.storage.landed:
+                self.console.error(f"the storage accepted this run's upload, but it was not "
+                                   f"verified; the build is most likely stored. To make sure, "
+                                   f"{rerun}. The collected database is kept at {self.working}")
+            else:
+                self.console.error(f"the collected database was not uploaded; it is kept at "
+                                   f"{self.working} so its data can be recovered; to record "
+                                   f"this build, {rerun}")
             return
         shutil.rmtree(self.workspace, ignore_errors=True)
 
