@@ -2471,7 +2471,7 @@ class TrackingRun:
         finally:
             connection.close()
         self.console.warning(f"{damage.message.split(';')[0]}; kept it as s3://{self.storage.bucket}/"
-                             f"{keep}; {count(salvaged, 'build')} still readable in it carried over")
+                             f"{keep}; carried over {count(salvaged, 'build')} still readable in it")
         return base
 
     def damage(self, downloaded: Path) -> TrackMetricsError | None:

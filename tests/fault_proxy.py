@@ -4,9 +4,15 @@ Each request is read whole, matched against the rules (first match wins, each ru
 `count` times), and then failed, mangled or forwarded. Writes are forwarded one at a time:
 S3 makes a conditional PUT atomic, moto's threaded server does not, and the proxy gives back
 the provider's guarantee so that concurrency tests test the tool, not moto's races.
+
+With `strict` (the default) the proxy also enforces what S3 enforces and moto does not: a PUT
+needs a Content-Length (411 MissingContentLength), a Content-MD5 must match the body (400
+BadDigest), and a copy's x-amz-copy-source-if-match must match the source's ETag (412).
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import re
 import socket
@@ -25,11 +31,15 @@ ERROR_BODY = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
 class Rule:
     method: str  # GET, PUT, HEAD, DELETE, or * for any
     path: str  # a regular expression searched in the request path (with query)
-    action: str  # status | reset_request | reset_after_forward | truncate | flip | stall | ignore_conditions
+    # status | reset_request | reset_after_forward | truncate | flip (the answer's body) |
+    # flip_request (the request's body) | swallow (answer 200, store nothing) | drop_etag |
+    # stall | ignore_conditions
+    action: str
     count: int = 1  # how many matching requests it applies to; -1 for all
     status: int = 503
     code: str = "SlowDown"
     delay: float = 0.0
+    offset: int | None = None  # the byte `flip` changes (negative: from the end); None: the middle
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -55,6 +65,7 @@ class FaultProxy:
     rules: list[Rule] = field(default_factory=list)
     log: list[Seen] = field(default_factory=list)
     tls: object = None  # an ssl.SSLContext: serve HTTPS, as a real provider does
+    strict: bool = True  # enforce what S3 enforces and moto does not (see the module's doc)
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -123,6 +134,11 @@ class FaultProxy:
                 rule.hits += 1
         if lower.get("expect", "").lower() == "100-continue":
             sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.strict and method == "PUT" and "content-length" not in lower:
+            # S3 refuses an unframed PUT, and cannot tell where its body ends: close.
+            self._record(lower.get("host", ""), method, path, 411, "strict: no Content-Length")
+            return self._respond(sock, 411, [("Content-Type", "application/xml")],
+                                 ERROR_BODY.format(code="MissingContentLength").encode())
         length = int(lower.get("content-length", "0") or 0)
         if rule and rule.action == "reset_request":
             reader.read(length // 2)
@@ -132,6 +148,16 @@ class FaultProxy:
         if len(body) < length:  # the client went away mid-body: a real S3 stores nothing
             self._record(lower.get("host", ""), method, path, None, "client_disconnected")
             return
+        if rule and rule.action == "flip_request" and body:
+            body = self._flip(body, rule.offset)
+        if self.strict and "content-md5" in lower and \
+                base64.b64encode(hashlib.md5(body).digest()).decode() != lower["content-md5"]:
+            self._record(lower.get("host", ""), method, path, 400, "strict: BadDigest")
+            return self._respond(sock, 400, [("Content-Type", "application/xml")],
+                                 ERROR_BODY.format(code="BadDigest").encode())
+        if rule and rule.action == "swallow":  # a broken storage: success, and nothing stored
+            self._record(lower.get("host", ""), method, path, 200, "swallow")
+            return self._respond(sock, 200, [("ETag", f'"{hashlib.md5(body).hexdigest()}"')], b"")
         if rule and rule.action == "status":
             self._record(lower.get("host", ""), method, path, rule.status, f"status {rule.status}")
             payload = b"" if method == "HEAD" else ERROR_BODY.format(code=rule.code).encode()
@@ -141,24 +167,36 @@ class FaultProxy:
         headers = [(n, v) for n, v in headers if n.lower() not in ("expect", "connection", "proxy-connection")]
         if rule and rule.action == "ignore_conditions":
             headers = self._without_conditions(method, path, headers, body)
-        status, response_headers, payload = self._forward(method, path, headers, body)
+        copy_if_match = lower.get("x-amz-copy-source-if-match") if self.strict and method == "PUT" else None
+        precondition = (lambda: self._copy_source_etag(lower["x-amz-copy-source"]) == copy_if_match) \
+            if copy_if_match else None
+        status, response_headers, payload = self._forward(method, path, headers, body, precondition)
         fault = rule.action if rule else None
         self._record(lower.get("host", ""), method, path, status, fault)
+        if fault == "drop_etag":
+            response_headers = [(n, v) for n, v in response_headers if n.lower() != "etag"]
         if fault == "reset_after_forward":
             return self._reset(sock)
         if fault == "truncate" and len(payload) > 1:
             return self._respond(sock, status, response_headers, payload[: len(payload) // 2],
                                  length=len(payload), then_reset=True)
         if fault == "flip" and payload:
-            middle = len(payload) // 2
-            payload = payload[:middle] + bytes([payload[middle] ^ 0xFF]) + payload[middle + 1:]
+            payload = self._flip(payload, rule.offset)
         self._respond(sock, status, response_headers, payload)
 
-    def _forward(self, method, path, headers, body):
+    @staticmethod
+    def _flip(data: bytes, offset: int | None) -> bytes:
+        at = len(data) // 2 if offset is None else offset % len(data)
+        return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+    def _forward(self, method, path, headers, body, precondition=None):
         writes = method in ("PUT", "POST", "DELETE")
         if writes:
             self._write_lock.acquire()
         try:
+            if precondition is not None and not precondition():  # checked and written atomically
+                return 412, [("Content-Type", "application/xml")], \
+                    ERROR_BODY.format(code="PreconditionFailed").encode()
             connection = http.client.HTTPConnection(self._host, self._port, timeout=60)
             connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
             for name, value in headers:
@@ -173,6 +211,25 @@ class FaultProxy:
         finally:
             if writes:
                 self._write_lock.release()
+
+    def _copy_source_etag(self, source: str) -> str | None:
+        """The ETag of a copy's source object, asked of the server with a signed HEAD."""
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.credentials import Credentials
+
+        host = f"{self._host}:{self._port}"
+        request = AWSRequest(method="HEAD", url=f"http://{host}{source}", headers={"Host": host})
+        S3SigV4Auth(Credentials(self.keys.access_key_id, self.keys.secret_access_key), "s3",
+                    self.region).add_auth(request)
+        connection = http.client.HTTPConnection(self._host, self._port, timeout=60)
+        try:
+            connection.request("HEAD", source, headers=dict(request.headers.items()))
+            response = connection.getresponse()
+            response.read()
+            return response.getheader("ETag") if response.status == 200 else None
+        finally:
+            connection.close()
 
     def _without_conditions(self, method, path, headers, body):
         """A provider that ignores If-Match/If-None-Match: drop them and sign the request again."""
