@@ -189,9 +189,18 @@ def database_rows(data: bytes, tmp_path: Path, query: str) -> list[tuple]:
 
 @pytest.fixture
 def proxy(s3_server):
-    """A fault-injecting proxy in front of the S3 server; tests add rules to it."""
+    """A fault-injecting proxy in front of the S3 server, as strict as S3; tests add rules to it."""
     from fault_proxy import FaultProxy
     instance = FaultProxy(s3_server.endpoint, REGION, s3_server.keys)
+    yield instance
+    instance.close()
+
+
+@pytest.fixture(params=["strict", "lenient"])
+def either_proxy(request, s3_server):
+    """The proxy as strict as S3, and as lenient as moto itself (as some providers are)."""
+    from fault_proxy import FaultProxy
+    instance = FaultProxy(s3_server.endpoint, REGION, s3_server.keys, strict=request.param == "strict")
     yield instance
     instance.close()
 

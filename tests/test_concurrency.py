@@ -70,3 +70,9 @@ def test_without_conditional_writes_a_conflict_is_not_detected(run_cli, s3_serve
     assert result.returncode == 0
     head = s3_server.client().head_object(Bucket=bucket, Key="unentropy.db")
     assert "conditional-writes" not in head["Metadata"]
+
+
+@pytest.fixture
+def proxy(either_proxy):
+    """Every test here runs through a proxy as strict as S3, and through one as lenient as moto."""
+    return either_proxy

@@ -5,6 +5,8 @@ import hashlib
 import sqlite3
 import time
 
+import pytest
+
 from conftest import SIMPLE_METRICS, database_rows, get_object, write_config
 from fault_proxy import Rule
 
@@ -191,3 +193,9 @@ def test_a_probe_that_cannot_be_written_says_which_permission_is_missing(run_cli
     error = result.json()["error"]
     assert error["code"] == "S3_ACCESS_DENIED" and ".probe-*" in error["message"]
     assert get_object(s3_server, bucket) is None
+
+
+@pytest.fixture
+def proxy(either_proxy):
+    """Every test here runs through a proxy as strict as S3, and through one as lenient as moto."""
+    return either_proxy
