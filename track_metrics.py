@@ -98,7 +98,7 @@ SINGLE_PUT_LIMIT = 5 * 1024**3
 DOWNLOAD_ATTEMPTS = 3
 SQLITE_HEADER = b"SQLite format 3\x00"
 CONTENT_TYPE = "application/vnd.sqlite3"
-DEFAULT_DATABASE_KEY = "unentropy.db"
+DEFAULT_DATABASE_KEY = "unentropy-metrics.db"  # Unentropy's track-metrics default
 DEFAULT_REPORT_DIR = "unentropy-report"
 DEFAULT_COMMAND_TIMEOUT = 60.0
 UNITS = ("percent", "integer", "bytes", "duration", "decimal")
@@ -142,10 +142,13 @@ def config_error(problems: Sequence[tuple[str, str]], code: str = "CONFIG_INVALI
         details={"problems": [{"path": p, "message": m} for p, m in problems]})
 
 
+MIN_SECRET_LENGTH = 8  # shorter values would redact ordinary text (a one-letter secret: every "b")
+
+
 def redact(text: str, secrets: Sequence[str]) -> str:
     """The one redaction function every text that leaves the process goes through."""
     for secret in sorted(secrets, key=len, reverse=True):
-        if secret:
+        if len(secret) >= MIN_SECRET_LENGTH:
             text = text.replace(secret, "***")
     return text
 
@@ -161,7 +164,7 @@ class Console:
         self._lock = threading.Lock()
 
     def add_secret(self, value: str) -> None:
-        if value and value not in self.secrets:
+        if len(value) >= MIN_SECRET_LENGTH and value not in self.secrets:
             self.secrets.append(value)
             if self.github:
                 self._write(f"::add-mask::{value}", raw=True)
@@ -240,6 +243,11 @@ class Config:
     report_dir: str | None = None
     metrics: tuple[MetricConfig, ...] = ()
     warnings: tuple[str, ...] = ()
+    sources: tuple[str, ...] | None = None  # Unentropy's `sources` patterns, as written
+    report_mode: str = "auto"  # auto | light | dark
+    report_sections: tuple = ()  # ((name, description, ((title, (metric ids…)), …)), …)
+    quality_gate: dict | None = None
+    base_path: Path = Path(".")  # the configuration file's folder
 
 
 @dataclass(frozen=True)
@@ -249,19 +257,33 @@ class S3Credentials:
     session_token: str | None = field(default=None, repr=False)
 
 
-STORAGE_TYPES = ("s3", "sqlite-s3")
+STORAGE_TYPES = ("s3", "sqlite-s3", "sqlite-local", "sqlite-artifact")
 SECRET_FIELDS = {"accesskeyid", "secretaccesskey", "sessiontoken", "access_key_id",
                  "secret_access_key", "session_token", "access-key-id", "secret-access-key",
                  "session-token"}
 METRIC_ID = re.compile(r"[a-z0-9-]{1,64}")  # always fullmatch: `$` would let "id\n" through
 REGION = re.compile(r"[a-z0-9-]+")
 KNOWN_KEYS = {
-    "": {"storage", "database", "report", "metrics", "$schema"},
+    "": {"storage", "database", "report", "metrics", "sources", "qualityGate", "$schema"},
     "storage": {"type", "s3"},
     "storage.s3": {"endpoint", "bucket", "region"},
     "database": {"key"},
-    "report": {"dir"},
-    "metric": {"type", "command", "unit", "name", "description", "timeout", "direction"},
+    "report": {"dir", "mode", "theme", "sections"},
+    "metric": {"$ref", "type", "command", "unit", "name", "description", "timeout", "direction"},
+    "qualityGate": {"mode", "enablePullRequestComment", "maxCommentMetrics", "maxCommentCharacters",
+                    "baseline", "thresholds"},
+    "qualityGate.baseline": {"referenceBranch", "maxAgeDays"},
+    "threshold": {"metric", "mode", "target", "tolerance", "maxDropPercent", "severity"},
+}
+# Unentropy's metric templates ($ref): type, unit, default command, description.
+TEMPLATES = {
+    "coverage": ("numeric", "percent", None, "Overall test coverage percentage across the codebase"),
+    "function-coverage": ("numeric", "percent", None, "Percentage of functions covered by tests"),
+    "loc": ("numeric", "integer", "@collect loc .", "Total lines of code in the codebase"),
+    "size": ("numeric", "bytes", "@collect size dist", "Size of files or directories"),
+    "build-time": ("numeric", "duration", None, "Time taken to complete the build"),
+    "test-time": ("numeric", "duration", None, "Time taken to run all tests"),
+    "dependencies-count": ("numeric", "integer", None, "Total number of dependencies"),
 }
 
 
@@ -275,7 +297,7 @@ def load_config(path: Path) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise TrackMetricsError("CONFIG_NOT_FOUND", f"cannot read configuration file {path}: {exc}",
                                 type="validation")
-    return parse_config(text, str(path))
+    return dataclasses.replace(parse_config(text, str(path)), base_path=Path(path).parent)
 
 
 def parse_config(text: str, source: str = "unentropy.json") -> Config:
@@ -293,14 +315,131 @@ def parse_config(text: str, source: str = "unentropy.json") -> Config:
     _warn_unknown(data, "", KNOWN_KEYS[""], warnings)
     storage = _parse_storage(data, problems, warnings)
     database_key = _string(_section(data, "database", problems, warnings), "database.key", problems)
-    report_dir = _string(_section(data, "report", problems, warnings), "report.dir", problems)
+    report = _section(data, "report", problems, warnings)
+    report_dir = _string(report, "report.dir", problems)
+    mode = (report or {}).get("mode", "auto")
+    if mode not in ("auto", "light", "dark"):
+        problems.append(("report.mode", f"got {show(mode)}; accepted: \"auto\", \"light\" or \"dark\""))
+    sections = _parse_sections((report or {}).get("sections"), problems)
     metrics = _parse_metrics(data.get("metrics"), problems, warnings)
+    sources = _parse_sources(data.get("sources"), problems)
+    gate = _parse_quality_gate(data, {m.id for m in metrics}, problems, warnings)
     if problems:
         secret_problem = any(message.startswith("credentials must not") for _, message in problems)
         error = config_error(problems, "CONFIG_SECRET_IN_FILE" if secret_problem else "CONFIG_INVALID")
+        if warnings:  # an unknown key is often the cause ("metircs"): say so beside the errors
+            error.message += "\nalso:\n" + "\n".join(f"  {warning}" for warning in warnings)
         error.secrets = secrets  # for redaction; never part of the error's details
         raise error
-    return Config(storage, database_key, report_dir, tuple(metrics), tuple(warnings))
+    return Config(storage, database_key, report_dir, tuple(metrics), tuple(warnings), sources,
+                  mode, sections, gate)
+
+
+def _parse_sources(raw: Any, problems: list) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not 1 <= len(raw) <= 50 \
+            or not all(isinstance(item, str) and item for item in raw):
+        problems.append(("sources", f"got {show(raw)}; accepted: an array of 1 to 50 non-empty "
+                         "patterns (\"src\", \"lib/**/*.ts\", \"!**/*.test.ts\")"))
+        return None
+    return tuple(raw)
+
+
+def _parse_sections(raw: Any, problems: list) -> tuple:
+    """report.sections: named groups of charts, each chart one or several metric ids."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        problems.append(("report.sections", f"got {show(raw)}; accepted: a non-empty array of "
+                         "{\"name\", \"charts\": [{\"metrics\": \"id\" or [ids], \"title\"}]}"))
+        return ()
+    sections = []
+    for index, section in enumerate(raw):
+        path = f"report.sections[{index}]"
+        charts = section.get("charts") if isinstance(section, dict) else None
+        if not isinstance(section, dict) or not isinstance(section.get("name"), str) \
+                or not isinstance(charts, list) or not charts:
+            problems.append((path, f"got {show(section)}; accepted: {{\"name\": text, \"charts\": "
+                             "[at least one chart]}"))
+            continue
+        parsed = []
+        for number, chart in enumerate(charts):
+            ids = chart.get("metrics") if isinstance(chart, dict) else None
+            ids = [ids] if isinstance(ids, str) else ids
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+                problems.append((f"{path}.charts[{number}].metrics", f"got {show(ids)}; accepted: a "
+                                 "metric id or a non-empty array of them"))
+                continue
+            parsed.append((chart.get("title") if isinstance(chart.get("title"), str) else None, tuple(ids)))
+        sections.append((section["name"], section.get("description"), tuple(parsed)))
+    return tuple(sections)
+
+
+def _parse_quality_gate(data: dict, metric_ids: set, problems: list, warnings: list) -> dict | None:
+    """qualityGate, validated as Unentropy validates it (the gate itself runs in `gate`)."""
+    gate = _section(data, "qualityGate", problems, warnings)
+    if gate is None:
+        return None
+    checks = (("mode", lambda v: v in ("off", "soft", "hard"), '"off", "soft" or "hard"'),
+              ("enablePullRequestComment", lambda v: isinstance(v, bool), "true or false"),
+              ("maxCommentMetrics", lambda v: _whole(v) and 1 <= v <= 100, "a whole number from 1 to 100"),
+              ("maxCommentCharacters", lambda v: _whole(v) and 1 <= v <= 20000,
+               "a whole number from 1 to 20000"))
+    for name, valid, accepted in checks:
+        if name in gate and not valid(gate[name]):
+            problems.append((f"qualityGate.{name}", f"got {show(gate[name])}; accepted: {accepted}"))
+    baseline = _section(gate, "qualityGate.baseline", problems, warnings) or {}
+    if "referenceBranch" in baseline and not isinstance(baseline["referenceBranch"], str):
+        problems.append(("qualityGate.baseline.referenceBranch", f"got {show(baseline['referenceBranch'])}; "
+                         "accepted: a branch name"))
+    if "maxAgeDays" in baseline and not (_whole(baseline["maxAgeDays"]) and baseline["maxAgeDays"] > 0):
+        problems.append(("qualityGate.baseline.maxAgeDays", f"got {show(baseline['maxAgeDays'])}; "
+                         "accepted: a whole number of days above 0"))
+    thresholds = gate.get("thresholds", [])
+    if not isinstance(thresholds, list):
+        problems.append(("qualityGate.thresholds", f"must be an array, got {type_name(thresholds)}"))
+        thresholds = []
+    for index, rule in enumerate(thresholds):
+        _check_threshold(f"qualityGate.thresholds[{index}]", rule, metric_ids, problems, warnings)
+    return gate
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_threshold(path: str, rule: Any, metric_ids: set, problems: list, warnings: list) -> None:
+    if not isinstance(rule, dict):
+        problems.append((path, f"must be an object, got {type_name(rule)}"))
+        return
+    _warn_unknown(rule, path, KNOWN_KEYS["threshold"], warnings)
+    metric, mode = rule.get("metric"), rule.get("mode")
+    if not isinstance(metric, str) or not metric:
+        problems.append((f"{path}.metric", f"got {show(metric)}; accepted: a metric id"))
+    elif metric not in metric_ids:
+        problems.append((f"{path}.metric", f"{show(metric)} is not a metric of this configuration "
+                         f"(metrics: {', '.join(sorted(metric_ids))[:200]})"))
+    if mode not in ("no-regression", "min", "max", "delta-max-drop"):
+        problems.append((f"{path}.mode", f"got {show(mode)}; accepted: \"no-regression\", \"min\", "
+                         "\"max\" or \"delta-max-drop\""))
+    for name in ("target", "tolerance", "maxDropPercent"):
+        if name in rule and not _number(rule[name]):
+            problems.append((f"{path}.{name}", f"got {show(rule[name])}; accepted: a number"))
+    if _number(rule.get("tolerance")) and rule["tolerance"] < 0:
+        problems.append((f"{path}.tolerance", f"got {show(rule['tolerance'])}; accepted: 0 or more"))
+    if _number(rule.get("maxDropPercent")) and rule["maxDropPercent"] <= 0:
+        problems.append((f"{path}.maxDropPercent", f"got {show(rule['maxDropPercent'])}; accepted: above 0"))
+    if mode in ("min", "max") and "target" not in rule:
+        problems.append((f"{path}.target", f"is required when mode is {show(mode)}"))
+    if mode == "delta-max-drop" and "maxDropPercent" not in rule:
+        problems.append((f"{path}.maxDropPercent", "is required when mode is \"delta-max-drop\""))
+    if "severity" in rule and rule["severity"] not in ("warning", "blocker"):
+        problems.append((f"{path}.severity", f"got {show(rule['severity'])}; accepted: \"warning\" or \"blocker\""))
 
 
 def type_name(value: Any) -> str:
@@ -331,10 +470,13 @@ def _find_secrets(node: Any, path: str, problems: list, secrets: list) -> None:
 
 
 def _warn_unknown(node: dict, path: str, known: set, warnings: list) -> None:
+    import difflib
     for key in node:
         if key not in known and key.lower() not in SECRET_FIELDS:
             where = f"{path}.{key}" if path else key
-            warnings.append(f"{where}: unknown key ignored (known keys: {', '.join(sorted(known))})")
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            warnings.append(f"{where}: unknown key ignored ({hint}known keys: {', '.join(sorted(known))})")
 
 
 def _section(parent: dict, path: str, problems: list, warnings: list) -> dict | None:
@@ -363,11 +505,9 @@ def _parse_storage(data: dict, problems: list, warnings: list) -> StorageConfigu
         return None
     kind = storage.get("type", "s3")
     if kind not in STORAGE_TYPES:
-        hint = (" (artifact storage is not supported: keep the database in an S3-compatible "
-                "bucket, or use --local-db PATH)" if kind == "sqlite-artifact" else "")
-        problems.append(("storage.type", f"got {show(kind)}; accepted: \"s3\" or \"sqlite-s3\"{hint}"))
+        problems.append(("storage.type", f"got {show(kind)}; accepted: {', '.join(map(show, STORAGE_TYPES))}"))
     s3 = _section(storage, "storage.s3", problems, warnings)
-    return StorageConfiguration("s3", S3Configuration(
+    return StorageConfiguration("s3" if kind == "sqlite-s3" else kind, S3Configuration(
         *(_string(s3, f"storage.s3.{name}", problems) for name in ("endpoint", "bucket", "region"))))
 
 
@@ -411,14 +551,22 @@ def _parse_metric(path: str, metric_id: Any, body: Any, problems: list, warnings
         problems.append((path, f"must be an object, got {type_name(body)}"))
         return None
     _warn_unknown(body, path, KNOWN_KEYS["metric"], warnings)
-    kind = body.get("type")
+    template = body.get("$ref")
+    if template is not None and template not in TEMPLATES:
+        problems.append((f"{path}.$ref", f"got {show(template)}; accepted: {', '.join(TEMPLATES)}"))
+        return None
+    kind, unit, command, description = TEMPLATES.get(template, (None, None, None, None))
+    if template and body.get("type", kind) != kind:
+        warnings.append(f"{path}.type: ignored: the {template} template is {kind}")
+    kind = kind or body.get("type")
     if kind not in ("numeric", "label"):
         problems.append((f"{path}.type", f"got {show(kind)}; accepted: \"numeric\" or \"label\""))
-    command = body.get("command")
+    command = body.get("command", command)
     if not isinstance(command, str) or not command.strip() or len(command) > 1024:
-        problems.append((f"{path}.command", f"got {show(command)}; accepted: a non-empty shell "
-                         "command of at most 1024 characters"))
-    unit = body.get("unit")
+        no_default = f" (the {template} template has no default command)" if template else ""
+        problems.append((f"{path}.command", f"got {show(command)}{no_default}; accepted: a non-empty "
+                         "shell command of at most 1024 characters"))
+    unit = body.get("unit", unit)
     if unit is not None and (not isinstance(unit, str) or not unit
                              or (unit not in UNITS and len(unit) > 10)):
         problems.append((f"{path}.unit", f"got {show(unit)}; accepted: {', '.join(UNITS)} "
@@ -429,18 +577,21 @@ def _parse_metric(path: str, metric_id: Any, body: Any, problems: list, warnings
             problems.append((f"{path}.{name}", f"got {show(value)}; accepted: a string of at most "
                              "256 characters"))
     timeout = body.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not 0 < timeout <= 86400):
-        problems.append((f"{path}.timeout", f"got {show(timeout)}; accepted: seconds, a number "
-                         "greater than 0 and at most 86400"))
+    if timeout is not None and (not _number(timeout) or not 0 < timeout <= 86_400_000):
+        problems.append((f"{path}.timeout", f"got {show(timeout)}; accepted: milliseconds (as "
+                         "Unentropy), a number greater than 0 and at most 86400000"))
+    elif timeout is not None and timeout < 100:
+        warnings.append(f"{path}.timeout: {show(timeout)} is in milliseconds (as in Unentropy), so "
+                        f"the command gets {show(timeout)} ms; for seconds write {show(timeout * 1000)}")
     direction = body.get("direction", "neutral")
     if direction not in ("up", "down", "neutral"):
         problems.append((f"{path}.direction", f"got {show(direction)}; accepted: \"up\" (higher is "
                          "better), \"down\" (lower is better) or \"neutral\""))
     if len(problems) > before:
         return None
-    return MetricConfig(metric_id, kind, command, unit, body.get("name"), body.get("description"),
-                        float(timeout) if timeout is not None else None, direction)
+    return MetricConfig(metric_id, kind, command, unit, body.get("name", template),
+                        body.get("description", description),
+                        timeout / 1000 if timeout is not None else None, direction)
 
 
 def endpoint_problem(value: str, allow_http: bool) -> str | None:
@@ -511,6 +662,7 @@ class ActionParameters:
     """Everything one run needs, resolved from flags, action inputs, environment and file."""
     s3: S3Configuration
     credentials: S3Credentials | None
+    storage_type: str = "s3"  # s3 | sqlite-local | sqlite-artifact
     database_key: str = DEFAULT_DATABASE_KEY
     local_db: Path | None = None
     report_dir: Path = Path(DEFAULT_REPORT_DIR)
@@ -545,19 +697,17 @@ class ActionParameters:
         sources = _Sources(args, environ)
         problems: list[tuple[str, str]] = []
         missing: list[tuple[str, str]] = []
-        storage_type = sources.get("storage_type", "storage-type")
-        if storage_type and storage_type[0] not in STORAGE_TYPES:
-            problems.append(("storage-type", f"got {show(storage_type[0])}; accepted: \"s3\" or "
-                             "\"sqlite-s3\" (for artifact storage use --local-db PATH with your "
-                             "CI's artifact steps)"))
+        storage_type = _storage_type(sources, args, environ, config, problems)
+        key = sources.get("database_key", "database-key", (), config.database_key, "database.key")
+        if key and (why := database_key_problem(key[0])) and storage_type != "sqlite-local":
+            problems.append((key[1], f"{show(key[0])} {why}"))
         local_db = Path(args.local_db) if getattr(args, "local_db", None) else None
+        if storage_type == "sqlite-local" and local_db is None:
+            local_db = Path(key[0] if key else DEFAULT_DATABASE_KEY)  # Unentropy: the key is a path
         s3, credentials = S3Configuration(region="us-east-1"), None
-        if local_db is None:
+        if storage_type == "s3":
             s3 = _s3_settings(sources, config, config_path, problems, missing)
             credentials = _credentials(sources, missing)
-        key = sources.get("database_key", "database-key", (), config.database_key, "database.key")
-        if key and (why := database_key_problem(key[0])):
-            problems.append((key[1], f"{show(key[0])} {why}"))
         numbers = {name: sources.number(name, input_name, default, low, high, problems, kind)
                    for name, input_name, default, low, high, kind in NUMERIC_PARAMETERS}
         style = sources.get("addressing_style", "addressing-style")
@@ -575,11 +725,11 @@ class ActionParameters:
             raise config_error(problems, "PARAM_INVALID", "parameter")
         run_number = sources.get("run_number", None)
         return cls(
-            s3=s3, credentials=credentials,
+            s3=s3, credentials=credentials, storage_type=storage_type,
             database_key=key[0] if key else DEFAULT_DATABASE_KEY,
             local_db=local_db,
             report_dir=Path((sources.get("report_dir", "report-dir") or (config.report_dir or DEFAULT_REPORT_DIR,))[0]),
-            workdir=Path(getattr(args, "workdir", None) or config_path.parent or "."),
+            workdir=Path(getattr(args, "workdir", None) or "."),
             addressing_style=style[0] if style else "auto",
             conditional_writes=not getattr(args, "no_conditional_writes", False),
             on_corrupt=on_corrupt[0] if on_corrupt else "fail",
@@ -591,6 +741,28 @@ class ActionParameters:
             report_branch=getattr(args, "report_branch", None),
             report=not getattr(args, "no_report", False),
             **numbers)
+
+
+def _storage_type(sources: "_Sources", args: argparse.Namespace, environ: Mapping[str, str],
+                  config: Config, problems: list) -> str:
+    """s3, sqlite-local or sqlite-artifact: the flag or input, else --local-db, else the file's
+    storage.type, else S3 when a bucket or endpoint is given, else Unentropy's defaults (its
+    action keeps history in artifacts; its configuration defaults to a local file)."""
+    found = sources.get("storage_type", "storage-type")
+    if found and found[0] not in STORAGE_TYPES:
+        problems.append((found[1], f"got {show(found[0])}; accepted: {', '.join(map(show, STORAGE_TYPES))}"))
+        found = None
+    if found:
+        kind = found[0]
+    elif getattr(args, "local_db", None):
+        kind = "sqlite-local"
+    elif config.storage is not None:
+        kind = config.storage.type
+    elif sources.get("bucket", "s3-bucket") or sources.get("endpoint", "s3-endpoint"):
+        kind = "s3"
+    else:
+        kind = "sqlite-artifact" if environ.get("GITHUB_ACTIONS") == "true" else "sqlite-local"
+    return "s3" if kind == "sqlite-s3" else kind
 
 
 # (name, action input, default, minimum, maximum, type)
@@ -1627,23 +1799,43 @@ def prepare_upload(path: Path, integrity: str) -> tuple[str, str, int]:
 # ============================================================================================
 
 NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+# JavaScript's whitespace and line terminators (String.prototype.trim, parseFloat), not Python's.
+JS_SPACE = "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009" \
+           "\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+JS_FLOAT = re.compile(r"[+-]?(Infinity|([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?)")
+
+
+def js_parse_float(text: str) -> float | None:
+    """JavaScript's parseFloat: the longest leading decimal literal ("87.5%" → 87.5), or None."""
+    match = JS_FLOAT.match(text.lstrip(JS_SPACE))
+    if not match:
+        return None
+    literal = match.group(0)
+    return float(literal.replace("Infinity", "inf"))
 
 
 def parse_value(output: str, kind: str) -> Any:
-    """The value of a metric: the last non-empty line of its stdout, trimmed."""
-    # Only \n ends a line (\r\n too, by the strip): splitlines() would also cut a label at
-    # U+2028, U+0085 and other characters a command may legitimately print.
-    lines = [line.strip() for line in output.split("\n") if line.strip()]
-    if not lines:
+    """A metric's value, read as Unentropy reads it: the first line of the trimmed output, a
+    label as it is, a number by JavaScript's parseFloat ("87.5%" → 87.5, "12 files" → 12).
+    Where that finds no number, the last non-empty line when it is a plain number (a superset:
+    Unentropy records nothing there)."""
+    text = output.strip(JS_SPACE).split("\n")[0].strip(JS_SPACE)
+    if not text:
         raise ValueError("the command printed nothing on stdout")
-    text = lines[-1]
     if kind == "label":
         if len(text) > 256:
             raise ValueError(f"a label is at most 256 characters, got {len(text)}")
         return text
-    if not NUMBER.fullmatch(text) or not math.isfinite(float(text)):
-        raise ValueError(f"expected a finite number such as 42, -3.5 or 1e3; got {text[:60]!r}")
-    return float(text)
+    value = js_parse_float(text)
+    if value is None:
+        lines = [line.strip(JS_SPACE) for line in output.split("\n") if line.strip(JS_SPACE)]
+        if NUMBER.fullmatch(lines[-1]):
+            value = float(lines[-1])
+    if value is None:
+        raise ValueError(f"expected a number such as 42, -3.5, 1e3 or 87.5%; got {text[:60]!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"the value is not a finite number: {text[:60]!r}")
+    return value
 
 
 @dataclass
@@ -1663,15 +1855,20 @@ class CommandRunner:
     """Runs metric commands in their own process groups, so a timeout or a cancellation kills
     everything a command started, and nothing outlives the run."""
 
-    def __init__(self, workdir: Path, environ: Mapping[str, str], secrets: Sequence[str]):
+    def __init__(self, workdir: Path, environ: Mapping[str, str], secrets: Sequence[str],
+                 sources: Sequence[str] | None = None, base: Path = Path(".")):
         self.workdir = workdir
         self.environ = environ
         self.secrets = secrets
+        self.sources = sources  # for @collect, with the configuration's folder they are relative to
+        self.base = base
         self.live: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
 
     def run(self, metric: MetricConfig, build: BuildContext, timeout: float) -> MetricOutcome:
         started = time.monotonic()
+        if metric.command.strip().startswith("@collect "):
+            return self.collect(metric, started)
         env = command_environment(self.environ, self.secrets)
         env.update(UNENTROPY_COMMIT_SHA=build.commit_sha, UNENTROPY_BRANCH=build.branch,
                    UNENTROPY_RUN_ID=build.run_id, UNENTROPY_RUN_NUMBER=str(build.run_number or ""),
@@ -1699,6 +1896,17 @@ class CommandRunner:
             with self.lock:
                 self.live.discard(process)
         return self._outcome(metric, process.returncode, stdout, stderr, started)
+
+    def collect(self, metric: MetricConfig, started: float) -> MetricOutcome:
+        """A built-in collector, run in this process (no shell, no timeout: as Unentropy)."""
+        try:
+            value = run_collector(metric.command.strip()[len("@collect "):], self.sources, self.base,
+                                  self.workdir)
+            if not math.isfinite(value):
+                raise CollectError(f"the collector produced {js_string(value)}")
+        except CollectError as exc:
+            return MetricOutcome(metric.id, error=f"@collect failed: {exc}", duration_ms=elapsed_ms(started))
+        return self._outcome(metric, 0, js_string(value).encode(), b"", started)
 
     def _outcome(self, metric, returncode, stdout: bytes, stderr: bytes, started) -> MetricOutcome:
         err_tail = stderr.decode("utf-8", "replace").strip()[-500:]
@@ -1734,7 +1942,8 @@ def command_environment(environ: Mapping[str, str], secrets: Sequence[str]) -> d
     dropped = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "INPUT_S3-ACCESS-KEY-ID", "INPUT_S3-SECRET-ACCESS-KEY", "INPUT_S3-SESSION-TOKEN"}
     return {name: value for name, value in environ.items()
-            if name not in dropped and not any(secret and secret in value for secret in secrets)}
+            if name not in dropped and not any(len(secret) >= MIN_SECRET_LENGTH and secret in value
+                                                 for secret in secrets)}
 
 
 def elapsed_ms(started: float) -> int:
@@ -1806,6 +2015,541 @@ def github_head_sha(environ: Mapping[str, str]) -> str | None:
             return json.load(handle)["pull_request"]["head"]["sha"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+# ============================================================================================
+# Built-in collectors (@collect), as Unentropy 0.3.16 computes them
+# ============================================================================================
+
+JS_SPACE_CLASS = "[" + JS_SPACE + "]"
+JS_NON_SPACE = re.compile("[^" + JS_SPACE + "]")
+JS_EMPTY_LINES = re.compile("^" + JS_SPACE_CLASS + "*$", re.M)
+JS_END_OF_LINE = re.compile("$", re.M)
+GLOB_CHARS = re.compile(r"[*?\[\]{}]")
+VCS_FOLDERS = {".git", ".hg", ".svn"}
+COLLECTORS = ("loc", "size", "coverage-lcov", "coverage-cobertura", "coverage-clover")
+# The `sloc` library's languages: extension → (single-line comment, block start, block stop).
+_C, _BLOCK_C = r"/{2}", (r"/\*+", r"\*/{1}")
+SLOC_RULES: dict[str, tuple] = {}
+for _exts, _rule in (
+        ("coffee iced", (r"#[^{]", r"#{3}", r"#{3}")),
+        ("cr ls mochi nix r rb jl pl prql yaml hr rpy py", (r"#", None, None)),
+        ("js jsx mjs c cc cpp cs cxx h m mm hpp hx hxx ino java php php5 go groovy scss less rs sass "
+         "styl scala swift ts jade pug gs nut kt kts tsx fs fsi fsx bsl dart", (_C, None, None)),
+        ("latex tex sty cls erl ly ily", (r"%", None, None)),
+        ("agda lua hs sql", (r"--", None, None)),
+        ("brs monkey vb", (r"'", None, None)),
+        ("rkt clj cljs hy asm", (r";", None, None)),
+        ("f90 f95 f03 f08 f18", (r"!", None, None)),
+        ("nim", (r"(?:^[^#]*)(#)(?:(?![#!]))", r"#{2}", None)),
+        ("handlebars hbs mustache css svg html htm xml vue ml mli", (None, None, None))):
+    for _ext in _exts.split():
+        SLOC_RULES[_ext] = _rule
+for _exts, _block in (
+        ("js jsx mjs c cc cpp cs cxx h m mm hpp hx hxx ino java ls nix php php5 go css sass scss less "
+         "rs styl scala ts gs groovy nut kt kts tsx sql dart", _BLOCK_C),
+        ("py rpy", (r"\"{3}|'{3}", r"\"{3}|'{3}")), ("handlebars hbs mustache", (r"\{\{!", r"\}\}")),
+        ("hs agda", (r"\{-", r"-\}")), ("html htm svg xml vue", (r"<!--", r"-->")),
+        ("lua", (r"--\[{2}", r"--\]{2}")), ("monkey", (r"(?i)#rem", r"(?i)#end")),
+        ("rb", (r"=begin", r"=end")), ("rkt", (r"#\|", r"\|#")), ("jl", (r"#=", r"=#")),
+        ("ml mli fs fsi fsx", (r"\(\*", r"\*\)")), ("ly ily", (r"%\{", r"%\}"))):
+    for _ext in _exts.split():
+        SLOC_RULES[_ext] = (SLOC_RULES[_ext][0], *_block)
+LANGUAGES = {
+    "TypeScript": "ts tsx", "JavaScript": "js jsx mjs", "Python": "py", "Go": "go", "Java": "java",
+    "PHP": "php php5", "Ruby": "rb", "Rust": "rs", "C": "c h", "C++": "cpp cc cxx hpp hxx", "C#": "cs",
+    "CSS": "css scss sass less styl", "HTML": "html htm", "SQL": "sql", "Vue": "vue",
+    "Kotlin": "kt kts", "Swift": "swift", "Scala": "scala", "Dart": "dart", "Erlang": "erl",
+    "Haskell": "hs", "Lua": "lua", "XML": "xml", "YAML": "yaml", "F#": "fs fsi fsx", "Groovy": "groovy",
+    "Objective-C": "m mm", "Perl": "pl", "R": "r", "Crystal": "cr", "Nim": "nim", "Nix": "nix",
+    "CoffeeScript": "coffee iced", "Clojure": "clj cljs", "Julia": "jl", "Lisp": "rkt", "JSON": "json",
+    "OCaml": "ml mli", "Visual Basic": "vb", "Markdown": "md",
+}
+
+
+class CollectError(Exception):
+    """A built-in collector could not produce a value (the metric fails, as in Unentropy)."""
+
+
+def js_count(pattern: re.Pattern, text: str) -> int:
+    """How many matches JavaScript's String.match(/…/g) finds (an empty match steps one on)."""
+    found, position = 0, 0
+    while position <= len(text) and (match := pattern.search(text, position)):
+        found += 1
+        position = match.end() + (match.end() == match.start())
+    return found
+
+
+def _first_match(pattern: re.Pattern | None, text: str, group: int = 0) -> tuple[int, str] | None:
+    """(index, text) of a regex's first match; for a group, sloc's own index arithmetic."""
+    match = pattern.search(text) if pattern is not None else None
+    if match is None:
+        return None
+    if group:
+        return match.start() + len(match.group(1)), match.group(1)
+    return match.start(), match.group(0)
+
+
+def sloc_source_lines(code: str, extension: str) -> int:
+    """Source lines (not blank, not comment-only) exactly as the `sloc` library counts them."""
+    single_rule, start_rule, stop_rule = SLOC_RULES[extension]
+    single = re.compile(single_rule) if single_rule else None
+    start = re.compile(start_rule) if start_rule else None
+    stop_re = re.compile(stop_rule) if stop_rule else None
+    group = 1 if extension == "nim" else 0
+    code = re.sub(r"\r\n|\r", "\n", code)
+    if code.endswith("\n"):
+        code = code[:-1]
+    total = 1 + code.count("\n")
+    empty = js_count(JS_EMPTY_LINES, code)
+    found: dict[str, list] = {"single": [], "block": [], "mixed": []}
+    last: list[int] | None = None
+    index = 0
+
+    def mixed(lines: list[str], at: int, start_at: int | None, match: tuple | None) -> None:
+        if JS_NON_SPACE.search(lines[0]) and ((last and last[1] == at) or start_at == at):
+            found["mixed"].append([at, at, 0])
+        if match is not None and JS_NON_SPACE.search(lines[-1][:match[0]]):
+            found["mixed"].append([start_at, start_at, 0])
+
+    while code:
+        if code[0] == "\n":
+            code, index = code[1:], index + 1
+            continue
+        block_match, single_match = _first_match(start, code), _first_match(single, code, group)
+        if not (block_match or single_match):
+            mixed(code.split("\n"), index, None, None)
+            break
+        kind = "single" if single_match and (not block_match or block_match[0] > single_match[0]) else "block"
+        match = single_match if kind == "single" else block_match
+        comment_start = match[0] + len(match[1])
+        comment = code[comment_start:]
+        lines = code[:match[0]].split("\n")
+        start_at = len(lines) - 1 + index
+        stop = _first_match(JS_END_OF_LINE if kind == "single" else (stop_re or JS_END_OF_LINE), comment)
+        if stop is None:
+            break  # an unterminated block comment: sloc stops counting comments here
+        blank = js_count(JS_EMPTY_LINES, code[match[0]:comment_start + stop[0] + len(stop[1])])
+        comment = comment[:stop[0]]
+        span = comment.count("\n")
+        code = code[comment_start + len(comment) + len(stop[1]):]
+        mixed(lines, index, start_at, match)
+        last = [start_at, start_at + span, blank]
+        found[kind].append(last)
+        index = start_at + span
+
+    def line_sum(spans: list) -> int:
+        return sum(stop - begin + 1 - (i + 1 < len(spans) and spans[i + 1][0] == stop)
+                   for i, (begin, stop, _) in enumerate(spans))
+
+    block_ends = [stop for _, stop, _ in found["block"]]
+    comment_lines = line_sum(found["block"]) + line_sum(found["single"]) \
+        - sum(begin in block_ends for begin, _, _ in found["single"])
+    block_empty = sum(blank for _, _, blank in found["block"])
+    return total - comment_lines - empty + block_empty + line_sum(found["mixed"])
+
+
+def read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", "replace")
+
+
+def js_string(value: float) -> str:
+    """A number as JavaScript's String() writes it (7, not 7.0)."""
+    if math.isfinite(value) and value == int(value) and abs(value) < 1e21:
+        return str(int(value))
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", repr(value))
+
+
+def js_int(text: Any) -> float:
+    """JavaScript's parseInt(text, 10): the leading whole number, or NaN."""
+    match = re.match(r"[+-]?[0-9]+", str(text or "").lstrip(JS_SPACE))
+    return int(match.group(0)) if match else math.nan
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A micromatch-style glob (**, *, ?, [..], {a,b}) as a regex over '/'-separated paths;
+    '*' and '**' do not match names starting with '.' unless the pattern spells the dot."""
+    pattern = pattern[2:] if pattern.startswith("./") else pattern
+    out, i, depth = [], 0, 0
+    while i < len(pattern):
+        char = pattern[i]
+        at_segment = i == 0 or pattern[i - 1] == "/"
+        if pattern.startswith("**", i) and at_segment and pattern[i + 2:i + 3] in ("/", ""):
+            tail = pattern[i + 2:i + 3] == "/"
+            out.append(r"(?:(?!\.)[^/]*(?:/(?!\.)[^/]*)*/)?" if tail else r"(?:(?!\.)[^/]*(?:/(?!\.)[^/]*)*)?")
+            i += 3 if tail else 2
+            continue
+        if char == "*":
+            out.append((r"(?!\.)" if at_segment else "") + r"[^/]*")
+        elif char == "?":
+            out.append(r"[^/]")
+        elif char == "[" and "]" in pattern[i + 1:]:
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1:end].replace("\\", "\\\\")
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end
+        elif char == "{":
+            out.append("(?:")
+            depth += 1
+        elif char == "}" and depth:
+            out.append(")")
+            depth -= 1
+        elif char == "," and depth:
+            out.append("|")
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return re.compile("".join(out) + ")" * depth)
+
+
+def matches_sources(path: str, patterns: Sequence[str], base: Path) -> bool:
+    """Unentropy's sources filter: a positive pattern matches and no `!pattern` does; absolute
+    paths are taken relative to the configuration's folder."""
+    normalized = path.replace("\\", "/")
+    normalized = normalized[2:] if normalized.startswith("./") else normalized
+    if os.path.isabs(normalized):
+        normalized = os.path.relpath(normalized, base.resolve()).replace(os.sep, "/")
+    positive = [p for p in patterns if not p.startswith("!")]
+    if positive and not any(glob_regex(p).fullmatch(normalized) for p in positive):
+        return False
+    return not any(glob_regex(p[1:]).fullmatch(normalized) for p in patterns if p.startswith("!"))
+
+
+def normalize_sources(patterns: Sequence[str], base: Path) -> list[str]:
+    """A pattern naming a directory means everything under it (as Unentropy's loader)."""
+    result = []
+    for pattern in patterns:
+        negated, core = pattern.startswith("!"), pattern.lstrip("!") if pattern.startswith("!") else pattern
+        if not GLOB_CHARS.search(core) and (base / core).is_dir():
+            result.append(("!" if negated else "") + core.rstrip("/") + "/**")
+        else:
+            result.append(pattern)
+    return result
+
+
+def glob_paths(patterns: Sequence[str], cwd: Path, only_files: bool = True,
+               ignore: Sequence[str] = ()) -> list[Path]:
+    """What fast-glob finds for these patterns under `cwd` (no symbolic links followed, no
+    dot-files unless a pattern spells them, `!pattern` and `ignore` leaving entries out)."""
+    positive = [glob_regex(p) for p in patterns if not p.startswith("!")]
+    negative = [glob_regex(p[1:]) for p in patterns if p.startswith("!")]
+    ignored = [glob_regex(p) for p in ignore]
+    found = []
+    for folder, directories, files in os.walk(cwd):
+        relative = os.path.relpath(folder, cwd).replace(os.sep, "/")
+        prefix = "" if relative == "." else relative + "/"
+        kept = []
+        for name in directories:
+            if any(r.fullmatch(prefix + name) for r in ignored) or os.path.islink(os.path.join(folder, name)):
+                continue
+            kept.append(name)
+        directories[:] = kept
+        entries = files if only_files else files + directories
+        for name in entries:
+            path = prefix + name
+            full = os.path.join(folder, name)
+            if only_files and os.path.islink(full):
+                continue
+            if any(r.fullmatch(path) for r in positive) and not any(r.fullmatch(path) for r in negative) \
+                    and not any(r.fullmatch(path) for r in ignored):
+                found.append(Path(full))
+    return found
+
+
+def collect_loc(path: str | None, language: str | None, excludes: Sequence[str],
+                sources: Sequence[str] | None, base: Path, cwd: Path) -> int:
+    if path is not None:
+        root = cwd / path
+        if not root.exists():
+            raise CollectError(f"Directory not found: {path}")
+        if not root.is_dir():
+            raise CollectError(f"Path is not a directory: {path}")
+        skipped = {name.lower() for name in excludes} | VCS_FOLDERS
+        files = []
+        for folder, directories, names in os.walk(root):
+            directories[:] = [d for d in directories if d.lower() not in skipped
+                              and not os.path.islink(os.path.join(folder, d))]
+            files += [Path(folder, n) for n in names if not os.path.islink(os.path.join(folder, n))]
+    elif sources:
+        files = glob_paths(sources, base, ignore=excludes)
+    else:
+        raise CollectError("Path is required when sources is not configured")
+    allowed = set(LANGUAGES.get(language, "").split()) if language else None
+    fallback_only = language is not None and not allowed
+    total = 0
+    for file in files:
+        extension = os.path.splitext(file.name)[1].lower()[1:]
+        if allowed and extension not in allowed:
+            continue
+        content = read_text(file)
+        if not fallback_only and extension in SLOC_RULES:
+            total += sloc_source_lines(content, extension)
+        else:
+            total += sum(1 for line in content.split("\n") if line.strip(JS_SPACE))
+    return total
+
+
+def folder_size(path: Path) -> int:
+    """get-folder-size: every entry's own size (directories included), each inode once."""
+    seen, total = set(), 0
+    pending = [str(path)]
+    while pending:
+        item = pending.pop()
+        stats = os.lstat(item)
+        if stats.st_ino not in seen:
+            seen.add(stats.st_ino)
+            total += stats.st_size
+        if stat_is_dir(stats):
+            pending += [os.path.join(item, name) for name in os.listdir(item)]
+    return total
+
+
+def stat_is_dir(stats: os.stat_result) -> bool:
+    import stat
+    return stat.S_ISDIR(stats.st_mode)
+
+
+def collect_size(paths: Sequence[str], sources: Sequence[str] | None, base: Path) -> int:
+    if not paths:
+        if not sources:
+            raise CollectError("At least one path is required when sources is not configured")
+        return sum(os.lstat(file).st_size for file in glob_paths(sources, base))
+    total = 0
+    for path in paths:
+        if GLOB_CHARS.search(path):
+            matched = glob_paths([path], base, only_files=False)
+            if not matched:
+                raise CollectError(f"No files matched glob pattern: {path}")
+            total += sum(folder_size(item) for item in matched)
+        else:
+            try:
+                total += folder_size(base / path)
+            except FileNotFoundError:
+                raise CollectError(f"ENOENT: no such file or directory, lstat '{path}'") from None
+    return total
+
+
+def collect_lcov(path: str, kind: str, fallback: float, sources: Sequence[str] | None,
+                 base: Path, cwd: Path) -> float:
+    records, current = [], {"file": "", "LF": 0.0, "LH": 0.0, "BRF": 0.0, "BRH": 0.0, "FNF": 0.0, "FNH": 0.0}
+    for line in re.split(r"\r?\n", read_text(cwd / path)):
+        if not line.strip():
+            continue
+        if line.strip().startswith("end_of_record"):
+            records.append(current)
+            current = {"file": "", "LF": 0.0, "LH": 0.0, "BRF": 0.0, "BRH": 0.0, "FNF": 0.0, "FNH": 0.0}
+        prefix, _, payload = line.partition(":")
+        prefix, payload = prefix.upper().strip(), payload.strip()
+        if prefix == "SF":
+            current["file"] = payload
+        elif prefix in current:
+            current[prefix] = js_number(payload)
+    if sources:
+        records = [r for r in records if matches_sources(r["file"], sources, base)]
+    found_key, hit_key = {"line": ("LF", "LH"), "branch": ("BRF", "BRH"), "function": ("FNF", "FNH")}[kind]
+    found = sum(r[found_key] for r in records)
+    hit = sum(r[hit_key] for r in records)
+    if not found or math.isnan(found):
+        return fallback
+    return hit / found * 100
+
+
+def js_number(text: str) -> float:
+    """JavaScript's Number(text) for the integers LCOV holds ("" is 0, junk is NaN)."""
+    text = text.strip(JS_SPACE)
+    if not text:
+        return 0.0
+    try:
+        return float(text) if re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text) else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _xml_root(path: Path, fmt: str):
+    import xml.etree.ElementTree as ElementTree
+    try:
+        root = ElementTree.fromstring(read_text(path))
+    except ElementTree.ParseError:
+        raise CollectError(f"Failed to parse {fmt} XML: {path}") from None
+    if root.tag != "coverage":
+        raise CollectError(f"Missing coverage element in: {path}")
+    return root
+
+
+def _line_union(entries: Iterator[tuple[str, Iterator[tuple[float, bool]]]]) -> float:
+    """Coverage of the union of line numbers per file (covered when any report hit it)."""
+    total: dict[str, set] = {}
+    covered: dict[str, set] = {}
+    for name, lines in entries:
+        for number, hit in lines:
+            if not math.isnan(number):
+                total.setdefault(name, set()).add(number)
+                if hit:
+                    covered.setdefault(name, set()).add(number)
+    valid = sum(len(s) for s in total.values())
+    return sum(len(s) for s in covered.values()) / valid * 100 if valid else 0.0
+
+
+def collect_cobertura(paths: Sequence[str], kind: str, sources: Sequence[str] | None,
+                      base: Path, cwd: Path) -> float:
+    reports = [(path, _xml_root(cwd / path, "Cobertura")) for path in paths]
+
+    def classes(root):
+        for package in root.findall("./packages/package"):
+            for cls in package.findall("./classes/class"):
+                if not sources or matches_sources(cls.get("filename", ""), sources, base):
+                    yield package, cls
+
+    if kind == "line":
+        return _line_union((cls.get("filename", ""), (
+            (js_int(line.get("number")), js_int(line.get("hits") or "0") > 0)
+            for line in cls.findall("./lines/line"))) for _, root in reports for _, cls in classes(root))
+    if kind == "branch":
+        covered = valid = 0
+        for path, root in reports:
+            if not sources:
+                if root.get("lines-covered") is None or root.get("lines-valid") is None:
+                    raise CollectError(f"Missing lines-covered/lines-valid attributes in: {path}")
+                if root.get("branches-covered") is not None and root.get("branches-valid") is not None:
+                    covered, valid = covered + js_int(root.get("branches-covered")), valid + js_int(root.get("branches-valid"))
+                continue
+            for _, cls in classes(root):
+                for line in cls.findall("./lines/line"):
+                    counts = re.search(r"\((\d+)/(\d+)\)", line.get("condition-coverage") or "")
+                    if line.get("branch") == "true" and counts:
+                        covered, valid = covered + int(counts.group(1)), valid + int(counts.group(2))
+        return covered / valid * 100 if valid else 0.0
+    methods: dict[tuple, float] = {}
+    for _, root in reports:
+        for package, cls in classes(root):
+            for method in cls.findall("./methods/method"):
+                key = (package.get("name"), cls.get("name"), method.get("name"), method.get("signature"))
+                rate = js_parse_float(method.get("line-rate") or "")
+                rate = math.nan if rate is None else rate
+                if key not in methods or (not math.isnan(rate) and (math.isnan(methods[key]) or rate > methods[key])):
+                    methods[key] = rate
+    if not methods:
+        raise CollectError("No function coverage data found in any report")
+    return sum(1 for rate in methods.values() if not math.isnan(rate) and rate > 0) / len(methods) * 100
+
+
+def collect_clover(paths: Sequence[str], kind: str, sources: Sequence[str] | None,
+                   base: Path, cwd: Path) -> float:
+    files = []
+    for path in paths:
+        root = _xml_root(cwd / path, "Clover")
+        project = root.find("./project")
+        if project is None:
+            raise CollectError(f"Missing project element in: {path}")
+        for file in project.findall("./file") + project.findall("./package/file"):
+            names = [n for n in (file.get("name"), file.get("path")) if n]
+            if not sources or any(matches_sources(n, sources, base) for n in names):
+                files.append((file.get("name", ""), file))
+    if kind == "line":
+        return _line_union((name, ((js_int(line.get("num")), js_int(line.get("count") or "0") > 0)
+                                   for line in file.findall("./line") if line.get("type") == "stmt"))
+                           for name, file in files)
+    covered_name, valid_name = {"branch": ("coveredconditionals", "conditionals"),
+                                "function": ("coveredmethods", "methods")}[kind]
+    covered = valid = 0
+    for _, file in files:
+        metrics = file.find("./metrics")
+        if metrics is not None and metrics.get(covered_name) is not None and metrics.get(valid_name) is not None:
+            covered += _or_zero(js_int(metrics.get(covered_name)))
+            valid += _or_zero(js_int(metrics.get(valid_name)))
+    return covered / valid * 100 if valid else 0.0
+
+
+def _or_zero(value: float) -> float:
+    return 0 if math.isnan(value) else value
+
+
+def split_arguments(text: str) -> list[str]:
+    """Unentropy's @collect argument splitting: spaces and tabs, '…' and "…" quotes."""
+    tokens, current, quote = [], "", None
+    for char in text:
+        if quote:
+            if char == quote:
+                quote = None
+            else:
+                current += char
+        elif char in "'\"":
+            quote = char
+        elif char in " \t":
+            if current:
+                tokens.append(current)
+            current = ""
+        else:
+            current += char
+    return tokens + ([current] if current else [])
+
+
+COLLECT_OPTIONS = {  # collector → {option: (alias, takes an array)}
+    "loc": {"language": ("l", False), "exclude": ("e", True)},
+    "size": {},
+    "coverage-lcov": {"type": ("t", False), "fallback": (None, False)},
+    "coverage-cobertura": {"type": ("t", False)},
+    "coverage-clover": {"type": ("t", False)},
+}
+
+
+def parse_collect(tokens: Sequence[str]) -> tuple[str, list[str], dict[str, Any]]:
+    """(collector, positional arguments, options) of an @collect command, or CollectError."""
+    if not tokens:
+        raise CollectError(f"No collector specified. Available collectors: {', '.join(COLLECTORS)}")
+    name, rest = tokens[0], list(tokens[1:])
+    if name not in COLLECT_OPTIONS:
+        raise CollectError(f"Unknown collector {name!r}. Available collectors: {', '.join(COLLECTORS)}")
+    known = COLLECT_OPTIONS[name]
+    aliases = {alias: option for option, (alias, _) in known.items() if alias}
+    positional: list[str] = []
+    options: dict[str, Any] = {}
+    while rest:
+        token = rest.pop(0)
+        if not token.startswith("-") or token == "-" or re.fullmatch(r"-[0-9.]+", token):
+            positional.append(token)
+            continue
+        option, _, inline = token.lstrip("-").partition("=")
+        option = aliases.get(option, option)
+        if option not in known:
+            raise CollectError(f"Unknown argument: {option}")
+        values = [inline] if inline else []
+        while rest and not rest[0].startswith("-") and (known[option][1] or not values):
+            values.append(rest.pop(0))
+        if not values:
+            raise CollectError(f"Not enough arguments following: {option}")
+        options[option] = values if known[option][1] else values[0]
+    if "type" in options and options["type"] not in ("line", "branch", "function"):
+        raise CollectError(f"Invalid values: Argument: type, Given: {options['type']!r}, "
+                           "Choices: \"line\", \"branch\", \"function\"")
+    return name, positional, options
+
+
+def run_collector(arguments: str, sources: Sequence[str] | None, base: Path, cwd: Path) -> float:
+    """The value of `@collect <arguments>`, computed here, in the standard library."""
+    name, positional, options = parse_collect(split_arguments(arguments))
+    sources = normalize_sources(sources, base) if sources else None
+    kind = options.get("type", "line")
+    try:
+        if name == "loc":
+            if len(positional) > 1:
+                raise CollectError(f"Unknown arguments: {', '.join(positional[1:])}")
+            return collect_loc(positional[0] if positional else None, options.get("language"),
+                               options.get("exclude", []), sources, base, cwd)
+        if name == "size":
+            return collect_size(positional, sources, base)
+        if not positional:
+            raise CollectError("Not enough non-option arguments: got 0, need at least 1")
+        if name == "coverage-lcov":
+            if len(positional) > 1:
+                raise CollectError(f"Unknown arguments: {', '.join(positional[1:])}")
+            fallback = js_parse_float(options.get("fallback", "0"))
+            return collect_lcov(positional[0], kind, math.nan if fallback is None else fallback,
+                                sources, base, cwd)
+        collect = collect_cobertura if name == "coverage-cobertura" else collect_clover
+        return collect(positional, kind, sources, base, cwd)
+    except OSError as exc:
+        raise CollectError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
 
 
 # ============================================================================================
@@ -2378,7 +3122,9 @@ class TrackingRun:
 
     def download(self) -> None:
         with self.phase("download") as phase:
-            if self.params.local_db is not None:
+            if self.params.storage_type == "sqlite-artifact":
+                self.storage = ArtifactStorage(self.params, self.console, self.environ, self.workspace)
+            elif self.params.local_db is not None:
                 self.storage = LocalStorage(self.params.local_db, self.console)
                 if self.command == "run":
                     self.storage.lock()
@@ -2535,7 +3281,8 @@ class TrackingRun:
                                       lambda args: git(args, self.params.workdir))
             self.console.info(f"collect: commit {self.build.commit_sha[:12]} on {self.build.branch}, "
                               f"run {self.build.run_id}")
-            runner = CommandRunner(self.params.workdir, self.environ, self.console.secrets)
+            runner = CommandRunner(self.params.workdir, self.environ, self.console.secrets,
+                                   self.config.sources, self.config.base_path)
             deadline = time.monotonic() + self.params.timeout
             try:
                 outcomes = collect_metrics(self.config.metrics, runner, self.build, self.params.jobs,
@@ -2772,7 +3519,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--on-corrupt", help="fail (default), restore or recreate")
     add("--no-backup", action="store_true", help="do not keep <key>.bak before overwriting")
     add("--integrity", choices=("full", "quick"), help="SQLite integrity_check or quick_check")
-    add("--workdir", help="where metric commands run (default: the config file's directory)")
+    add("--workdir", help="where metric commands run (default: the current directory, as Unentropy)")
     add("--jobs", metavar="N", help="metric commands run at once (default: 1)")
     add("--timeout", metavar="SECONDS", help="deadline for the whole run (default: 300)")
     add("--request-timeout", metavar="SECONDS", help="per-request S3 timeout (default: 30)")

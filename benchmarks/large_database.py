@@ -111,12 +111,12 @@ def main() -> None:
         make_database(database, options.mib)
         size = database.stat().st_size
         with open(database, "rb") as handle:
-            s3.put_object(Bucket=bucket, Key="unentropy.db", Body=handle)
+            s3.put_object(Bucket=bucket, Key="unentropy-metrics.db", Body=handle)
         full, quick = integrity_costs(database)
         database.unlink()
         (workdir / "unentropy.json").write_text(json.dumps(
             {"metrics": {"metric-00": {"type": "numeric", "command": "echo 1", "unit": "integer"}}}))
-        bare, bare_peak = bare_round_trip(endpoint, bucket, "unentropy.db", workdir)
+        bare, bare_peak = bare_round_trip(endpoint, bucket, "unentropy-metrics.db", workdir)
         rows = []
         for integrity, report in (("full", True), ("quick", True), ("full", False), ("quick", False)):
             result = workdir / "result.json"
@@ -132,7 +132,7 @@ def main() -> None:
                          f"{seconds:.2f} s", f"{peak:.1f} MB", f"{seconds / bare:.2f}x",
                          " ".join(f"{name} {phases[name]:.2f}" for name in phases if phases[name])])
         rows.append(["bare botocore GET + PUT (own process)", f"{bare:.2f} s", f"{bare_peak:.1f} MB", "1.00x", ""])
-        rows.append(["aws s3 cp down + up", awscli_round_trip(endpoint, bucket, "unentropy.db", workdir),
+        rows.append(["aws s3 cp down + up", awscli_round_trip(endpoint, bucket, "unentropy-metrics.db", workdir),
                      "", "", ""])
     server.stop()
     print(f"Large database: {size / 1024 / 1024:.0f} MiB ({machine()})\n")

@@ -26,7 +26,7 @@ def seed(s3, bucket: str, builds: int, workdir: Path) -> None:
         return
     path = workdir / f"seed-{builds}.db"
     make_history(path, builds, [m for m in metric_configs() if m.id in ("coverage", "bundle-size", "build-status")])
-    s3.put_object(Bucket=bucket, Key="unentropy.db", Body=path.read_bytes())
+    s3.put_object(Bucket=bucket, Key="unentropy-metrics.db", Body=path.read_bytes())
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
                 if run:  # the first run of each size also pays the conditional-write probe
                     times.append(seconds)
                     peaks.append(peak)
-            data = s3.get_object(Bucket=bucket, Key="unentropy.db")["Body"].read()
+            data = s3.get_object(Bucket=bucket, Key="unentropy-metrics.db")["Body"].read()
             (workdir / "check.db").write_bytes(data)
             total = sqlite3.connect(workdir / "check.db").execute("SELECT COUNT(*) FROM build_contexts").fetchone()[0]
             assert total == builds + options.runs + 1

@@ -170,7 +170,7 @@ def run_local(tmp_path) -> Runner:
     return Runner(None, None, tmp_path)
 
 
-def get_object(server: S3Server, bucket: str, key: str = "unentropy.db") -> bytes | None:
+def get_object(server: S3Server, bucket: str, key: str = "unentropy-metrics.db") -> bytes | None:
     try:
         return server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     except server.client().exceptions.NoSuchKey:

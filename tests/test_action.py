@@ -106,7 +106,7 @@ def test_the_action_tracks_metrics_and_writes_outputs_and_summary(s3_server, buc
     assert s3_server.keys.secret_access_key not in log.replace("::add-mask::" + s3_server.keys.secret_access_key, "")
     assert set(outputs) == OUTPUTS
     assert outputs["success"] == "true" and outputs["error-code"] == ""
-    assert outputs["database-location"] == f"s3://{bucket}/unentropy.db"
+    assert outputs["database-location"] == f"s3://{bucket}/unentropy-metrics.db"
     assert outputs["metrics-collected"] == "3" and outputs["total-builds"] == "1"
     assert outputs["storage-type"] == "s3"
     data = get_object(s3_server, bucket)

@@ -16,8 +16,19 @@ def storage_with(**s3) -> dict:
 
 
 BAD_CONFIGS = [
-    ("storage-type", {"storage": {"type": "gcs", "s3": GOOD_STORAGE["s3"]}}, "storage.type", '"s3" or "sqlite-s3"'),
-    ("artifact", {"storage": {"type": "sqlite-artifact"}}, "storage.type", "--local-db"),
+    ("storage-type", {"storage": {"type": "gcs", "s3": GOOD_STORAGE["s3"]}}, "storage.type", '"sqlite-local", "sqlite-artifact"'),
+    ("ref-unknown", {"metrics": {"cov": {"$ref": "coverge"}}}, "metrics.cov.$ref", "function-coverage"),
+    ("ref-no-command", {"metrics": {"cov": {"$ref": "coverage"}}}, "metrics.cov.command", "no default command"),
+    ("sources-empty", {"sources": []}, "sources", "1 to 50"),
+    ("report-mode", {"report": {"mode": "sepia"}}, "report.mode", '"light"'),
+    ("report-sections", {"report": {"sections": [{"name": "A", "charts": []}]}}, "report.sections[0]", "at least one chart"),
+    ("gate-mode", {"qualityGate": {"mode": "strict"}}, "qualityGate.mode", '"soft"'),
+    ("gate-metric", {"qualityGate": {"thresholds": [{"metric": "nope", "mode": "min", "target": 1}]}},
+     "qualityGate.thresholds[0].metric", "not a metric of this configuration"),
+    ("gate-target", {"qualityGate": {"thresholds": [{"metric": "coverage", "mode": "min"}]}},
+     "qualityGate.thresholds[0].target", "required when mode is"),
+    ("gate-drop", {"qualityGate": {"thresholds": [{"metric": "coverage", "mode": "delta-max-drop"}]}},
+     "qualityGate.thresholds[0].maxDropPercent", "required"),
     ("metric-id", {"metrics": {"Coverage!": {"type": "numeric", "command": "echo 1"}}}, "metrics.Coverage!", "lowercase"),
     ("metric-id-long", {"metrics": {"a" * 65: {"type": "numeric", "command": "echo 1"}}}, "metrics.aaaa", "1-64"),
     ("metric-type", {"metrics": {"coverage": {"type": "number", "command": "echo 1"}}}, "metrics.coverage.type", '"numeric" or "label"'),
@@ -91,13 +102,12 @@ def test_bad_parameters_are_all_reported_at_once(run_local, tmp_path):
         assert name in error["message"]
 
 
-def test_missing_storage_block_shows_the_block_to_add(run_local, tmp_path):
+def test_without_storage_the_database_is_a_local_file_as_in_unentropy(run_local, tmp_path):
     write_config(tmp_path, SIMPLE_METRICS)
-    result = run_local("--json")
-    assert result.returncode == 2
-    error = result.json()["error"]
-    assert error["code"] == "CONFIG_STORAGE_MISSING"
-    assert '"storage": {"type": "s3"' in error["message"] and "--local-db" in error["message"]
+    result = run_local("--json", "--no-report")
+    assert result.returncode == 0, result.output
+    assert result.json()["database_location"] == "unentropy-metrics.db"
+    assert (tmp_path / "unentropy-metrics.db").exists()
 
 
 def test_credentials_in_the_file_are_refused_and_never_shown(run_local, tmp_path):
@@ -145,14 +155,14 @@ def test_invalid_json_and_missing_file(run_local, tmp_path):
     assert result.returncode == 2 and result.json()["error"]["code"] == "CONFIG_NOT_FOUND"
 
 
-def test_storage_type_input_other_than_s3_is_refused(run_local, tmp_path):
+def test_an_unknown_storage_type_input_is_refused(run_local, tmp_path):
     (tmp_path / "unentropy.json").write_text(json.dumps({"storage": GOOD_STORAGE, "metrics": SIMPLE_METRICS}))
     env = run_local.env(AWS_ACCESS_KEY_ID="AKIAEXAMPLE", AWS_SECRET_ACCESS_KEY="s" * 40,
-                        **{"INPUT_STORAGE-TYPE": "sqlite-artifact"})
+                        **{"INPUT_STORAGE-TYPE": "gcs"})
     result = run_local("--json", env=env)
     assert result.returncode == 2
-    assert "storage-type" in result.json()["error"]["message"]
-    assert "--local-db" in result.json()["error"]["message"]
+    assert "input storage-type" in result.json()["error"]["message"]
+    assert "sqlite-artifact" in result.json()["error"]["message"]
 
 
 def test_http_endpoint_needs_allow_http_and_then_warns(run_local, tmp_path):
@@ -168,8 +178,27 @@ def test_http_endpoint_needs_allow_http_and_then_warns(run_local, tmp_path):
 
 def test_unknown_keys_are_warned_about_and_ignored(run_local, tmp_path):
     metrics = {"coverage": {"type": "numeric", "command": "echo 1", "threshold": 80}}
-    write_config(tmp_path, metrics, extra={"qualityGate": {"mode": "soft"}})
+    write_config(tmp_path, metrics, extra={"qualityGates": {"mode": "soft"}})
     result = run_local("--local-db", str(tmp_path / "m.db"))
     assert result.returncode == 0, result.output
-    assert "qualityGate: unknown key ignored" in result.stderr
+    assert "qualityGates: unknown key ignored (did you mean 'qualityGate'?" in result.stderr
     assert "metrics.coverage.threshold: unknown key ignored" in result.stderr
+
+
+def test_unentropy_sections_are_accepted_without_warnings(run_local, tmp_path):
+    extra = {"report": {"mode": "dark", "theme": "default", "sections": [
+                 {"name": "Quality", "charts": [{"metrics": ["coverage"], "title": "Coverage"}]}]},
+             "qualityGate": {"mode": "soft", "thresholds": [{"metric": "coverage", "mode": "min", "target": 80}]},
+             "sources": ["src", "!src/vendor"]}
+    write_config(tmp_path, {"coverage": {"type": "numeric", "command": "echo 1"}}, extra=extra)
+    result = run_local("--local-db", str(tmp_path / "m.db"))
+    assert result.returncode == 0, result.output
+    assert "unknown key" not in result.stderr
+
+
+def test_a_typo_in_a_required_key_is_named_beside_the_error(run_local, tmp_path):
+    (tmp_path / "unentropy.json").write_text(json.dumps({"metircs": SIMPLE_METRICS}))
+    result = run_local("--json", "--local-db", str(tmp_path / "m.db"))
+    assert result.returncode == 2
+    message = result.json()["error"]["message"]
+    assert "metrics: is required" in message and "did you mean 'metrics'" in message

@@ -46,7 +46,7 @@ def test_sigterm_during_upload_ends_promptly_with_the_object_unchanged_or_replac
     config = write_config(tmp_path, SIMPLE_METRICS)
     assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
     before = get_object(s3_server, bucket)
-    stall = Rule("PUT", r"/unentropy\.db$", "stall", count=1, delay=10)
+    stall = Rule("PUT", r"/unentropy-metrics\.db$", "stall", count=1, delay=10)
     proxy.add(stall)
     process = start(run_cli, config, proxy.endpoint)
     deadline = time.monotonic() + 30
@@ -64,7 +64,7 @@ def test_sigterm_during_upload_ends_promptly_with_the_object_unchanged_or_replac
     after = get_object(s3_server, bucket)
     if after != before:  # the server had the whole body: the PUT landed, complete and valid
         assert database_rows(after, tmp_path, "PRAGMA integrity_check") == [("ok",)]
-        head = s3_server.client().head_object(Bucket=bucket, Key="unentropy.db")
+        head = s3_server.client().head_object(Bucket=bucket, Key="unentropy-metrics.db")
         assert head["Metadata"]["sha256"] == hashlib.sha256(after).hexdigest()
         assert database_rows(after, tmp_path, "SELECT COUNT(*) FROM build_contexts") == [(2,)]
 
@@ -80,7 +80,7 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_object(run_cli, proxy,
         [(uuid.uuid4().hex, str(i), i, f"2026-01-01T00:00:{i % 60:02d}.000Z") for i in range(40000)])
     connection.commit()
     connection.close()
-    s3_server.client().put_object(Bucket=bucket, Key="unentropy.db", Body=seed.read_bytes())
+    s3_server.client().put_object(Bucket=bucket, Key="unentropy-metrics.db", Body=seed.read_bytes())
     started = time.monotonic()
     assert start(run_cli, config, proxy.endpoint).communicate(timeout=60) and True
     duration = time.monotonic() - started  # kill anywhere from start-up to just after the end
@@ -94,7 +94,7 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_object(run_cli, proxy,
         process.communicate(timeout=10)
         time.sleep(0.3)
         data = get_object(s3_server, bucket)
-        head = s3_server.client().head_object(Bucket=bucket, Key="unentropy.db")
+        head = s3_server.client().head_object(Bucket=bucket, Key="unentropy-metrics.db")
         assert data.startswith(b"SQLite format 3\x00")
         assert database_rows(data, tmp_path, "PRAGMA integrity_check") == [("ok",)]
         if "sha256" in head["Metadata"]:

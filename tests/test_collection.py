@@ -10,13 +10,13 @@ from conftest import database_rows, get_object, write_config
 def test_bad_metrics_are_skipped_and_the_others_recorded(run_cli, s3_server, bucket, tmp_path):
     metrics = {
         "good": {"type": "numeric", "command": "echo starting >&2; echo 12.5"},
-        "slow": {"type": "numeric", "command": "sleep 30; echo 1", "timeout": 1},
+        "slow": {"type": "numeric", "command": "sleep 30; echo 1", "timeout": 1000},
         "not-a-number": {"type": "numeric", "command": "echo nan"},
         "infinite": {"type": "numeric", "command": "echo inf"},
         "words": {"type": "numeric", "command": "echo about forty"},
         "silent": {"type": "numeric", "command": "true"},
         "crash": {"type": "numeric", "command": "echo boom >&2; exit 3"},
-        "status": {"type": "label", "command": "printf 'line one\\n\\n  green  \\n\\n'"},
+        "status": {"type": "label", "command": "printf '  green  \\nline two\\n\\n'"},
     }
     config = write_config(tmp_path, metrics)
     started = time.monotonic()
@@ -40,7 +40,7 @@ def test_a_timed_out_command_and_its_children_are_killed(run_local, tmp_path):
     marker = tmp_path / "still-running"
     metrics = {
         "ok": {"type": "numeric", "command": "echo 1"},
-        "hang": {"type": "numeric", "timeout": 1,
+        "hang": {"type": "numeric", "timeout": 1000,
                  "command": f"(sleep 3; touch {marker}) & sleep 3; touch {marker}; echo 2"},
     }
     config = write_config(tmp_path, metrics)

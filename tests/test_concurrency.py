@@ -36,7 +36,7 @@ def test_eight_runs_at_once_all_land(run_cli, proxy, s3_server, bucket, tmp_path
     values = database_rows(get_object(s3_server, bucket), tmp_path, "SELECT COUNT(*) FROM metric_values")
     assert values == [((RUNS + 1) * 3,)]
     assert sum("another run updated the database" in stderr for _, stderr in outputs) >= 1
-    assert len(proxy.requests("PUT", r"/unentropy\.db$")) > RUNS  # conflicts really happened
+    assert len(proxy.requests("PUT", r"/unentropy-metrics\.db$")) > RUNS  # conflicts really happened
 
 
 def test_eight_first_runs_at_once_all_land(run_cli, proxy, s3_server, bucket, tmp_path):
@@ -55,11 +55,11 @@ def test_exhausted_conflict_retries_exit_75(run_cli, proxy, s3_server, bucket, t
     assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
     before = get_object(s3_server, bucket)
     proxy.clear()
-    proxy.add(Rule("PUT", r"/unentropy\.db$", "status", count=-1, status=412, code="PreconditionFailed"))
+    proxy.add(Rule("PUT", r"/unentropy-metrics\.db$", "status", count=-1, status=412, code="PreconditionFailed"))
     result = run_cli.track(config, "--json", "--max-conflict-retries", "2", endpoint=proxy.endpoint)
     assert result.returncode == 75
     assert result.json()["error"]["code"] == "S3_CONFLICT"
-    assert len(proxy.requests("PUT", r"/unentropy\.db$")) == 3
+    assert len(proxy.requests("PUT", r"/unentropy-metrics\.db$")) == 3
     assert get_object(s3_server, bucket) == before
 
 
@@ -68,7 +68,7 @@ def test_without_conditional_writes_a_conflict_is_not_detected(run_cli, s3_serve
     config = write_config(tmp_path, SIMPLE_METRICS)
     result = run_cli.track(config, "--no-conditional-writes")
     assert result.returncode == 0
-    head = s3_server.client().head_object(Bucket=bucket, Key="unentropy.db")
+    head = s3_server.client().head_object(Bucket=bucket, Key="unentropy-metrics.db")
     assert "conditional-writes" not in head["Metadata"]
 
 

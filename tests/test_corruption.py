@@ -31,7 +31,7 @@ def history(run_cli, tmp_path, runs=2):
 def corrupt(s3_server, bucket, how) -> bytes:
     good = get_object(s3_server, bucket)
     bad = CORRUPTIONS[how](good)
-    s3_server.client().put_object(Bucket=bucket, Key="unentropy.db", Body=bad)
+    s3_server.client().put_object(Bucket=bucket, Key="unentropy-metrics.db", Body=bad)
     return bad
 
 
@@ -58,7 +58,7 @@ def test_default_fails_and_leaves_the_object_untouched(run_cli, s3_server, bucke
     assert result.returncode == 1
     assert result.json()["error"]["code"] in ("DB_NOT_SQLITE", "DB_CORRUPT")
     assert get_object(s3_server, bucket) == bad
-    assert get_object(s3_server, bucket, "unentropy.db.bak") != bad  # the good backup survives
+    assert get_object(s3_server, bucket, "unentropy-metrics.db.bak") != bad  # the good backup survives
 
 
 @pytest.mark.parametrize("how", CORRUPTIONS)
@@ -71,7 +71,7 @@ def test_restore_continues_from_the_bak_copy(run_cli, s3_server, bucket, tmp_pat
     rows = database_rows(get_object(s3_server, bucket), tmp_path, "SELECT COUNT(*) FROM build_contexts")
     assert rows == [(2,)]  # the .bak's one build plus this run's
     # The damaged object never became the backup.
-    backup = get_object(s3_server, bucket, "unentropy.db.bak")
+    backup = get_object(s3_server, bucket, "unentropy-metrics.db.bak")
     assert backup.startswith(b"SQLite format 3\x00")
     assert database_rows(backup, tmp_path, "PRAGMA integrity_check") == [("ok",)]
 
@@ -103,15 +103,15 @@ def test_recreate_keeps_the_bad_object_aside_and_starts_over(run_cli, s3_server,
     result = run_cli.track(config, "--json", "--on-corrupt", "recreate")
     assert result.returncode == 0, result.output
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]]
-    kept = [key for key in keys if key.startswith("unentropy.db.corrupt-")]
+    kept = [key for key in keys if key.startswith("unentropy-metrics.db.corrupt-")]
     assert len(kept) == 1 and get_object(s3_server, bucket, kept[0]) == bad
     rows = database_rows(get_object(s3_server, bucket), tmp_path, "SELECT COUNT(*) FROM build_contexts")
     assert rows == [(1,)]
-    assert get_object(s3_server, bucket, "unentropy.db.bak") != bad
+    assert get_object(s3_server, bucket, "unentropy-metrics.db.bak") != bad
 
 
 def test_no_backup_flag_skips_the_copy(run_cli, s3_server, bucket, tmp_path):
     config = write_config(tmp_path, SIMPLE_METRICS)
     assert run_cli.track(config).returncode == 0
     assert run_cli.track(config, "--no-backup").returncode == 0
-    assert get_object(s3_server, bucket, "unentropy.db.bak") is None
+    assert get_object(s3_server, bucket, "unentropy-metrics.db.bak") is None

@@ -10,7 +10,7 @@ import pytest
 from conftest import SIMPLE_METRICS, database_rows, get_object, write_config
 from fault_proxy import Rule
 
-DB = r"/unentropy\.db$"
+DB = r"/unentropy-metrics\.db$"
 
 
 def seed_history(run_cli, tmp_path, runs: int = 2):
@@ -113,7 +113,7 @@ def test_connection_reset_during_put_is_retried(run_cli, proxy, s3_server, bucke
     result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
     assert result.returncode == 0, result.output
     data = get_object(s3_server, bucket)
-    head = s3_server.client().head_object(Bucket=bucket, Key="unentropy.db")
+    head = s3_server.client().head_object(Bucket=bucket, Key="unentropy-metrics.db")
     assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
     assert builds(s3_server, bucket, tmp_path) == 3
 

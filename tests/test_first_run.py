@@ -12,13 +12,13 @@ def test_first_run_creates_the_object_and_the_report(run_cli, s3_server, bucket,
     assert result.returncode == 0, result.stderr
     document = result.json()
     assert document["success"] is True
-    assert document["database_location"] == f"s3://{bucket}/unentropy.db"
+    assert document["database_location"] == f"s3://{bucket}/unentropy-metrics.db"
     assert sorted(document["metrics_collected"]) == ["build-status", "bundle-size", "coverage"]
     assert document["total_builds"] == 1
     assert [phase["status"] for phase in document["phases"]] == ["completed"] * 5
     assert document["phases"][0]["metadata"]["first_run"] is True
 
-    head = s3_server.client().head_object(Bucket=bucket, Key="unentropy.db")
+    head = s3_server.client().head_object(Bucket=bucket, Key="unentropy-metrics.db")
     data = get_object(s3_server, bucket)
     assert data.startswith(b"SQLite format 3\x00")
     assert head["ContentType"] == "application/vnd.sqlite3"
@@ -44,7 +44,7 @@ def test_three_runs_make_three_builds(run_cli, s3_server, bucket, tmp_path):
     generation = database_rows(get_object(s3_server, bucket), tmp_path,
                                "SELECT value FROM track_metrics_state WHERE key = 'generation'")
     assert generation == [("3",)]
-    head = s3_server.client().head_object(Bucket=bucket, Key="unentropy.db")
+    head = s3_server.client().head_object(Bucket=bucket, Key="unentropy-metrics.db")
     assert head["Metadata"]["generation"] == "3" and len(head["Metadata"]["writer"]) == 32
     report = (tmp_path / "report" / "index.html").read_text()
     assert "3 builds" in report
@@ -74,7 +74,7 @@ FIXTURE_METRICS = {
 
 def test_an_unentropy_database_is_appended_to_without_changing_a_row(run_cli, s3_server, bucket, tmp_path):
     original = (FIXTURES / "unentropy-0.3.16.db").read_bytes()
-    s3_server.client().put_object(Bucket=bucket, Key="unentropy.db", Body=original,
+    s3_server.client().put_object(Bucket=bucket, Key="unentropy-metrics.db", Body=original,
                                   ContentType="application/octet-stream")
     tables = ("schema_version", "metric_definitions", "build_contexts", "metric_values", "sqlite_master")
     before = {table: database_rows(original, tmp_path, f"SELECT * FROM {table}") for table in tables}
@@ -94,7 +94,7 @@ def test_an_unentropy_database_is_appended_to_without_changing_a_row(run_cli, s3
     assert new_values == [("build-status", None, "passing"), ("bundle-size", 100500.0, None),
                           ("coverage", 81.25, None), ("lines-of-code", 4.0, None)]
     # A backup of the version that was replaced is kept beside it.
-    assert get_object(s3_server, bucket, "unentropy.db.bak") == original
+    assert get_object(s3_server, bucket, "unentropy-metrics.db.bak") == original
 
 
 def test_local_database_mode_needs_no_bucket(run_local, tmp_path):

@@ -33,7 +33,7 @@ def test_one_failing_command_does_not_disturb_the_others(run_local, tmp_path):
     metrics = {
         "before": {"type": "numeric", "command": "sleep 0.2; echo 1"},
         "broken": {"type": "numeric", "command": "echo oops >&2; exit 7"},
-        "hangs": {"type": "numeric", "command": "sleep 20; echo 3", "timeout": 1},
+        "hangs": {"type": "numeric", "command": "sleep 20; echo 3", "timeout": 1000},
         "after": {"type": "numeric", "command": "sleep 0.4; echo 4"},
     }
     config = write_config(tmp_path, metrics)

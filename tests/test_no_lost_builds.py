@@ -21,10 +21,10 @@ from conftest import SIMPLE_METRICS, TOOL, database_rows, get_object, write_conf
 from fault_proxy import Rule
 from history import make_history, metric_configs
 
-DB = r"/unentropy\.db$"
+DB = r"/unentropy-metrics\.db$"
 
 
-def builds(s3_server, bucket, tmp_path, key="unentropy.db") -> int:
+def builds(s3_server, bucket, tmp_path, key="unentropy-metrics.db") -> int:
     return database_rows(get_object(s3_server, bucket, key), tmp_path,
                          "SELECT COUNT(*) FROM build_contexts")[0][0]
 
@@ -33,7 +33,7 @@ def keys(s3_server, bucket) -> list[str]:
     return [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
 
 
-def put_foreign(s3_server, bucket, data: bytes, key="unentropy.db") -> None:
+def put_foreign(s3_server, bucket, data: bytes, key="unentropy-metrics.db") -> None:
     """An object this tool did not write (no sha256 metadata), as Unentropy or a person leaves it."""
     s3_server.client().put_object(Bucket=bucket, Key=key, Body=data)
 
@@ -118,7 +118,7 @@ def test_damage_keeps_the_object_aside_and_carries_every_readable_build_over(
     result = run_cli.track(config, "--json", "--on-corrupt", mode)
     assert result.returncode == 0, result.output
     assert builds(s3_server, bucket, tmp_path) == 4  # all three stored builds, and this run's
-    kept = [key for key in keys(s3_server, bucket) if key.startswith("unentropy.db.corrupt-")]
+    kept = [key for key in keys(s3_server, bucket) if key.startswith("unentropy-metrics.db.corrupt-")]
     assert len(kept) == 1 and get_object(s3_server, bucket, kept[0]) == bad
     carried = 1 if mode == "restore" else 3  # the .bak lacks the third build; a new database all
     assert f"carried over {carried} build{'s' * (carried > 1)} still readable in it" in result.stderr
@@ -148,7 +148,7 @@ def test_a_newer_schema_is_refused_and_never_restored_or_recreated(run_cli, s3_s
     assert not [key for key in keys(s3_server, bucket) if ".corrupt-" in key]
 
 
-def multipart(s3_server, bucket, data: bytes, key="unentropy.db") -> None:
+def multipart(s3_server, bucket, data: bytes, key="unentropy-metrics.db") -> None:
     """An object whose ETag is not its MD5 (a multipart upload's), with no sha256 metadata."""
     client = s3_server.client()
     upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
@@ -251,11 +251,11 @@ def test_a_slow_run_never_copies_an_older_version_over_a_newer_backup(run_cli, p
         assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
-    versions = client.list_object_versions(Bucket=bucket, Prefix="unentropy.db.bak")["Versions"]
-    versions = [v for v in reversed(versions) if v["Key"] == "unentropy.db.bak"]  # oldest first
+    versions = client.list_object_versions(Bucket=bucket, Prefix="unentropy-metrics.db.bak")["Versions"]
+    versions = [v for v in reversed(versions) if v["Key"] == "unentropy-metrics.db.bak"]  # oldest first
     counts = []
     for version in versions:
-        body = client.get_object(Bucket=bucket, Key="unentropy.db.bak", VersionId=version["VersionId"])["Body"].read()
+        body = client.get_object(Bucket=bucket, Key="unentropy-metrics.db.bak", VersionId=version["VersionId"])["Body"].read()
         counts.append(database_rows(body, tmp_path, "SELECT COUNT(*) FROM build_contexts")[0][0])
     assert counts == sorted(counts), counts  # each backup at least as new as the one before
     assert [s.status for s in proxy.requests("PUT", r"\.bak$")].count(412) == 1

@@ -57,7 +57,7 @@ def test_read_only_credentials_are_denied_on_upload_and_keep_the_data(run_cli, s
 
 
 def test_a_non_sqlite_object_fails_and_is_left_untouched(run_cli, s3_server, bucket, tmp_path):
-    s3_server.client().put_object(Bucket=bucket, Key="unentropy.db", Body=b"<html>not a database</html>")
+    s3_server.client().put_object(Bucket=bucket, Key="unentropy-metrics.db", Body=b"<html>not a database</html>")
     config = write_config(tmp_path, SIMPLE_METRICS)
     result = run_cli.track(config, "--json")
     assert result.returncode == 1
@@ -65,7 +65,7 @@ def test_a_non_sqlite_object_fails_and_is_left_untouched(run_cli, s3_server, buc
     assert document["error"]["code"] == "DB_NOT_SQLITE"
     assert [p["status"] for p in document["phases"]] == ["completed", "failed", "skipped", "skipped", "skipped"]
     assert get_object(s3_server, bucket) == b"<html>not a database</html>"
-    assert get_object(s3_server, bucket, "unentropy.db.bak") is None
+    assert get_object(s3_server, bucket, "unentropy-metrics.db.bak") is None
 
 
 def upload_crafted(s3_server, bucket, path, statement, start_from=None) -> bytes:
@@ -78,7 +78,7 @@ def upload_crafted(s3_server, bucket, path, statement, start_from=None) -> bytes
     connection.execute(statement)
     connection.commit()
     connection.close()
-    s3_server.client().put_object(Bucket=bucket, Key="unentropy.db", Body=path.read_bytes())
+    s3_server.client().put_object(Bucket=bucket, Key="unentropy-metrics.db", Body=path.read_bytes())
     return path.read_bytes()
 
 

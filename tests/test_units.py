@@ -16,20 +16,25 @@ import track_metrics as tm  # noqa: E402
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("42", 42.0), ("-3.5", -3.5), ("1e3", 1000.0), ("  7  \n", 7.0), ("noise\n\n12\n\n", 12.0), (".5", 0.5),
+    ("42", 42.0), ("-3.5", -3.5), ("1e3", 1000.0), ("  7  \n", 7.0), (".5", 0.5),
+    # JavaScript's parseFloat on the first line, as Unentropy reads a value
+    ("87.5%", 87.5), ("12 files", 12.0), ("-3e2", -300.0), ("1.e5", 100000.0), ("0x10", 0.0),
+    ("1_000", 1.0), ("12 apples\n99", 12.0), ("\u00a042", 42.0), ("5\r\nmore", 5.0),
+    # no number on the first line: the last non-empty line, when it is a plain number
+    ("noise\n\n12\n\n", 12.0), ("Coverage:\n81.25", 81.25),
 ])
 def test_numeric_values(text, expected):
     assert tm.parse_value(text, "numeric") == expected
 
 
-@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e999", "12 apples", "", "0x10", "1_000"])
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "Infinity", "1e999", "", "apples", "x\n12 apples"])
 def test_rejected_numeric_values(text):
     with pytest.raises(ValueError):
         tm.parse_value(text, "numeric")
 
 
 def test_label_values():
-    assert tm.parse_value("a\n  passing \n", "label") == "passing"
+    assert tm.parse_value("  passing \nextra-line\n", "label") == "passing"  # the first line
     with pytest.raises(ValueError):
         tm.parse_value("x" * 257, "label")
 
@@ -72,7 +77,13 @@ def test_endpoint_rules(url, allow_http, ok):
 
 
 def test_redaction_replaces_every_secret():
-    assert tm.redact("key=abc, again abc, tok=xyz", ["abc", "xyz", ""]) == "key=***, again ***, tok=***"
+    assert tm.redact("key=abcdefgh1, again abcdefgh1, tok=xyzxyzxyz", ["abcdefgh1", "xyzxyzxyz", ""]) \
+        == "key=***, again ***, tok=***"
+
+
+def test_secrets_too_short_to_redact_safely_are_not_patterns():
+    """A one-letter secret would turn every "b" of the output into ***."""
+    assert tm.redact("a build before b", ["b", "bui", "1234567"]) == "a build before b"
 
 
 def params(**overrides):
@@ -137,7 +148,8 @@ def test_the_file_alone_runs_help_and_version(tmp_path):
 
 def test_main_returns_exit_codes_without_exiting(tmp_path, capsys):
     (tmp_path / "unentropy.json").write_text('{"metrics": {"a": {"type": "numeric", "command": "echo 1"}}}')
-    code = tm.main(["--config", str(tmp_path / "unentropy.json"), "--json"], environ={})
+    code = tm.main(["--config", str(tmp_path / "unentropy.json"), "--json", "--storage-type", "s3"],
+                   environ={})
     assert code == 2
     assert json.loads(capsys.readouterr().out)["error"]["code"] == "CONFIG_STORAGE_MISSING"
 
