@@ -63,6 +63,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import html
+import itertools
 import json
 import math
 import os
@@ -681,6 +682,7 @@ class ActionParameters:
     branch: str | None = None
     run_id: str | None = None
     run_number: int | None = None
+    event: str | None = None
     report_branch: str | None = None
     report: bool = True
 
@@ -736,7 +738,7 @@ class ActionParameters:
             backup=not getattr(args, "no_backup", False),
             integrity=getattr(args, "integrity", None) or "full",
             commit=getattr(args, "commit", None), branch=getattr(args, "branch", None),
-            run_id=getattr(args, "run_id", None),
+            run_id=getattr(args, "run_id", None), event=getattr(args, "event", None),
             run_number=int(run_number[0]) if run_number else None,
             report_branch=getattr(args, "report_branch", None),
             report=not getattr(args, "no_report", False),
@@ -748,6 +750,8 @@ def _storage_type(sources: "_Sources", args: argparse.Namespace, environ: Mappin
     """s3, sqlite-local or sqlite-artifact: the flag or input, else --local-db, else the file's
     storage.type, else S3 when a bucket or endpoint is given, else Unentropy's defaults (its
     action keeps history in artifacts; its configuration defaults to a local file)."""
+    if getattr(args, "command", "run") == "test":
+        return "sqlite-local"  # `test` touches no storage: nothing of it is needed
     found = sources.get("storage_type", "storage-type")
     if found and found[0] not in STORAGE_TYPES:
         problems.append((found[1], f"got {show(found[0])}; accepted: {', '.join(map(show, STORAGE_TYPES))}"))
@@ -925,7 +929,8 @@ UNAVAILABLE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "Throttl
 PERMISSION_FOR = {"GetObject": "s3:GetObject", "HeadObject": "s3:GetObject",
                   "PutObject": "s3:PutObject",
                   "CopyObject": "s3:GetObject and s3:PutObject (the backup copy; --no-backup skips it)",
-                  "DeleteObject": "s3:DeleteObject", "ListObjectVersions": "s3:ListBucketVersions"}
+                  "DeleteObject": "s3:DeleteObject", "ListObjectVersions": "s3:ListBucketVersions",
+                  "ListObjectsV2": "s3:ListBucket"}
 
 
 def s3_error(exc: Exception, action: str, target: str) -> TrackMetricsError:
@@ -1379,6 +1384,19 @@ class S3Storage:
                 self.console.warning(f"could not remove the probe object ({exc.code}); delete "
                                      f"s3://{self.bucket}/{self.probe_key} or grant s3:DeleteObject")
 
+    def other_databases(self) -> list[str]:
+        """The other `.db` objects in the key's folder (one ListObjectsV2 request)."""
+        import xml.etree.ElementTree as ElementTree  # the storage's own answer, not user data
+        from urllib.parse import quote
+        folder = self.key.rsplit("/", 1)[0] + "/" if "/" in self.key else ""
+        # The prefix without its last '/', filtered here: fewer query values need a '%2F'.
+        query = "list-type=2&max-keys=1000" + (f"&prefix={quote(folder[:-1], safe='')}" if folder else "")
+        body = self._call("ListObjectsV2", "GET", "", query=query)[2]
+        keys = [node.text or "" for node in ElementTree.fromstring(body).iter()
+                if node.tag.rsplit("}", 1)[-1] == "Key"]
+        return [key for key in keys if key.startswith(folder) and "/" not in key[len(folder):]
+                and key.endswith(".db") and key != self.key]
+
     def older_versions(self) -> list[str]:
         """Version ids of the database key, newest first, without the current one."""
         import xml.etree.ElementTree as ElementTree  # the storage's own answer, not user data
@@ -1675,9 +1693,11 @@ def record_build(connection: sqlite3.Connection, build: BuildContext,
                                       f"metric, the configuration as {metric.type}; give the metric "
                                       "a new id to change its type")
                 continue
-            connection.execute("INSERT OR IGNORE INTO metric_definitions (id, type, unit, description)"
-                               " VALUES (?, ?, ?, ?)", (metric.id, metric.type, metric.unit,
-                                                        metric.description))
+            connection.execute(  # a changed unit or description follows the config, as in Unentropy
+                "INSERT INTO metric_definitions (id, type, unit, description) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET unit = COALESCE(excluded.unit, unit),"
+                " description = COALESCE(excluded.description, description)",
+                (metric.id, metric.type, metric.unit, metric.description))
             value = values[metric.id]
             numeric, label = (value, None) if metric.type == "numeric" else (None, value)
             connection.execute(
@@ -1995,6 +2015,11 @@ def detect_build(environ: Mapping[str, str], params: ActionParameters, now: dt.d
                   or environ.get("CI_COMMIT_REF_NAME"))
         run_id, run_number = environ.get("CI_PIPELINE_ID"), environ.get("CI_PIPELINE_IID")
         event, actor = environ.get("CI_PIPELINE_SOURCE"), environ.get("GITLAB_USER_LOGIN")
+        event = {"merge_request_event": "pull_request", "external_pull_request_event": "pull_request"
+                 }.get(event or "", event)
+    elif environ.get("CI", "").lower() in ("true", "1"):  # any other CI: a push unless it says PR
+        pull = [environ.get(name, "") for name in PULL_REQUEST_VARIABLES]
+        event = "pull_request" if any(value and value != "false" for value in pull) else "push"
     commit = params.commit or commit or git_lookup(["rev-parse", "HEAD"]) or "unknown"
     branch = params.branch or branch or git_lookup(["rev-parse", "--abbrev-ref", "HEAD"]) or "unknown"
     timestamp = now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + \
@@ -2002,8 +2027,14 @@ def detect_build(environ: Mapping[str, str], params: ActionParameters, now: dt.d
     run_id = params.run_id or run_id or "local-" + now.strftime("%Y%m%dT%H%M%S%fZ")
     number = params.run_number if params.run_number is not None else (
         int(run_number) if run_number and run_number.isdigit() else None)
-    return BuildContext(commit, branch, run_id, number, event or ("local" if not run_number else None),
-                        timestamp, actor or environ.get("USER"))
+    event = params.event or event or ("local" if not run_number else None)
+    return BuildContext(commit, branch, run_id, number, event, timestamp, actor or environ.get("USER"))
+
+
+# How CIs other than GitHub and GitLab say a build is for a pull request.
+PULL_REQUEST_VARIABLES = ("CIRCLE_PULL_REQUEST", "BUILDKITE_PULL_REQUEST", "CHANGE_ID",
+                          "SYSTEM_PULLREQUEST_PULLREQUESTID", "TRAVIS_PULL_REQUEST", "BITBUCKET_PR_ID",
+                          "DRONE_PULL_REQUEST", "CI_PULL_REQUEST")
 
 
 def github_head_sha(environ: Mapping[str, str]) -> str | None:
@@ -2035,7 +2066,7 @@ for _exts, _rule in (
         ("coffee iced", (r"#[^{]", r"#{3}", r"#{3}")),
         ("cr ls mochi nix r rb jl pl prql yaml hr rpy py", (r"#", None, None)),
         ("js jsx mjs c cc cpp cs cxx h m mm hpp hx hxx ino java php php5 go groovy scss less rs sass "
-         "styl scala swift ts jade pug gs nut kt kts tsx fs fsi fsx bsl dart", (_C, None, None)),
+         "styl scala swift ts jade gs nut kt kts tsx fs fsi fsx bsl dart", (_C, None, None)),
         ("latex tex sty cls erl ly ily", (r"%", None, None)),
         ("agda lua hs sql", (r"--", None, None)),
         ("brs monkey vb", (r"'", None, None)),
@@ -2203,16 +2234,19 @@ def glob_regex(pattern: str) -> re.Pattern:
 
 
 def matches_sources(path: str, patterns: Sequence[str], base: Path) -> bool:
-    """Unentropy's sources filter: a positive pattern matches and no `!pattern` does; absolute
-    paths are taken relative to the configuration's folder."""
+    """Unentropy's sources filter (micromatch): a path is kept when a pattern matches it and no
+    later `!pattern` does; absolute paths are taken relative to the configuration's folder."""
     normalized = path.replace("\\", "/")
     normalized = normalized[2:] if normalized.startswith("./") else normalized
     if os.path.isabs(normalized):
         normalized = os.path.relpath(normalized, base.resolve()).replace(os.sep, "/")
-    positive = [p for p in patterns if not p.startswith("!")]
-    if positive and not any(glob_regex(p).fullmatch(normalized) for p in positive):
-        return False
-    return not any(glob_regex(p[1:]).fullmatch(normalized) for p in patterns if p.startswith("!"))
+    kept = omitted = False
+    for pattern in patterns:  # in order, as micromatch: a later pattern overrules an earlier one
+        if pattern.startswith("!"):
+            omitted = omitted or bool(glob_regex(pattern[1:]).fullmatch(normalized))
+        elif glob_regex(pattern).fullmatch(normalized):
+            kept, omitted = True, False
+    return (kept or all(p.startswith("!") for p in patterns)) and not omitted
 
 
 def normalize_sources(patterns: Sequence[str], base: Path) -> list[str]:
@@ -2230,30 +2264,31 @@ def normalize_sources(patterns: Sequence[str], base: Path) -> list[str]:
 def glob_paths(patterns: Sequence[str], cwd: Path, only_files: bool = True,
                ignore: Sequence[str] = ()) -> list[Path]:
     """What fast-glob finds for these patterns under `cwd` (no symbolic links followed, no
-    dot-files unless a pattern spells them, `!pattern` and `ignore` leaving entries out)."""
-    positive = [glob_regex(p) for p in patterns if not p.startswith("!")]
-    negative = [glob_regex(p[1:]) for p in patterns if p.startswith("!")]
-    ignored = [glob_regex(p) for p in ignore]
-    found = []
-    for folder, directories, files in os.walk(cwd):
-        relative = os.path.relpath(folder, cwd).replace(os.sep, "/")
-        prefix = "" if relative == "." else relative + "/"
-        kept = []
-        for name in directories:
-            if any(r.fullmatch(prefix + name) for r in ignored) or os.path.islink(os.path.join(folder, name)):
-                continue
-            kept.append(name)
-        directories[:] = kept
-        entries = files if only_files else files + directories
-        for name in entries:
-            path = prefix + name
-            full = os.path.join(folder, name)
-            if only_files and os.path.islink(full):
-                continue
-            if any(r.fullmatch(path) for r in positive) and not any(r.fullmatch(path) for r in negative) \
-                    and not any(r.fullmatch(path) for r in ignored):
-                found.append(Path(full))
-    return found
+    dot-files unless a pattern spells them, `!pattern` and `ignore` leaving entries out);
+    each pattern is walked from its static folder, which may lie above `cwd` (`../src/**`)."""
+    negative = [glob_regex(p[1:]) for p in patterns if p.startswith("!")] + [glob_regex(p) for p in ignore]
+    found: dict[str, Path] = {}
+    for pattern in (p[2:] if p.startswith("./") else p for p in patterns if not p.startswith("!")):
+        regex, parts = glob_regex(pattern), pattern.split("/")
+        static = "/".join(itertools.takewhile(lambda part: not GLOB_CHARS.search(part), parts[:-1]))
+        root = cwd / static if static else cwd
+        if not root.is_dir():
+            if not GLOB_CHARS.search(pattern) and (cwd / pattern).is_file():
+                found.setdefault(os.path.normpath(cwd / pattern), cwd / pattern)
+            continue
+        for folder, directories, files in os.walk(root):
+            relative = os.path.relpath(folder, root).replace(os.sep, "/")
+            prefix = (static + "/" if static else "") + ("" if relative == "." else relative + "/")
+            directories[:] = [d for d in directories if not os.path.islink(os.path.join(folder, d))
+                              and not any(r.fullmatch(prefix + d) for r in negative)]
+            for name in files + ([] if only_files else directories):
+                full = os.path.join(folder, name)
+                path = prefix + name
+                if (only_files and os.path.islink(full)) or not regex.fullmatch(path) \
+                        or any(r.fullmatch(path) for r in negative):
+                    continue
+                found.setdefault(os.path.normpath(full), Path(full))
+    return list(found.values())
 
 
 def collect_loc(path: str | None, language: str | None, excludes: Sequence[str],
@@ -2442,8 +2477,7 @@ def collect_clover(paths: Sequence[str], kind: str, sources: Sequence[str] | Non
         if project is None:
             raise CollectError(f"Missing project element in: {path}")
         for file in project.findall("./file") + project.findall("./package/file"):
-            names = [n for n in (file.get("name"), file.get("path")) if n]
-            if not sources or any(matches_sources(n, sources, base) for n in names):
+            if not sources or matches_sources(file.get("name", ""), sources, base):
                 files.append((file.get("name", ""), file))
     if kind == "line":
         return _line_union((name, ((js_int(line.get("num")), js_int(line.get("count") or "0") > 0)
@@ -3135,6 +3169,7 @@ class TrackingRun:
                 phase.metadata["first_run"] = True
                 self.console.info(f"download: {self.storage.location} does not exist yet; "
                                   "starting a new database")
+                self.warn_other_databases()
             else:
                 phase.metadata.update(size=self.expected.size, sha256=self.expected.sha256,
                                       etag=self.expected.etag)
@@ -3142,6 +3177,22 @@ class TrackingRun:
                                   f"sha256 {self.expected.sha256[:12]}…")
             if self.command == "run":
                 self.check_conditional_writes(phase)
+
+    def warn_other_databases(self) -> None:
+        """No silent second history: a first run beside other databases says so (Unentropy's
+        key is unentropy-metrics.db, this tool's once was unentropy.db)."""
+        if not isinstance(self.storage, S3Storage):
+            return
+        try:
+            others = self.storage.other_databases()
+        except TrackMetricsError as exc:  # s3:ListBucket is not required: skip quietly
+            self.console.debug(f"  could not list the key's folder ({exc.code})")
+            return
+        if others:
+            self.console.warning(
+                f"{self.storage.location} does not exist, but {', '.join(others[:5])} "
+                f"{'is' if len(others) == 1 else 'are'} beside it: if that is your history, pass "
+                f"--database-key (input database-key) {others[0]}; otherwise a new history starts here")
 
     def fetch_expected(self) -> None:
         """(Re)download the object the next upload must replace."""
@@ -3493,9 +3544,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Track a codebase's metrics across CI runs in a SQLite database on S3.",
         epilog="Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN. "
                "Exit codes: 0 ok, 1 failed, 2 bad configuration, 75 retryable.")
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "report", "check"),
+    parser.add_argument("command", nargs="?", default="run",
+                        choices=("run", "report", "check", "verify", "test", "collect"),
                         help="run (default): collect and upload; report: regenerate the report; "
-                        "check: diagnose credentials, bucket, permissions and conditional writes")
+                        "check: diagnose credentials, bucket, permissions and conditional writes; "
+                        "verify: validate the configuration only; test: run every metric and print "
+                        "the values, touching no storage; collect COLLECTOR ARGS: one built-in "
+                        "collector's value (loc, size, coverage-lcov, coverage-cobertura, "
+                        "coverage-clover)")
+    parser.add_argument("config_file", nargs="?", help=argparse.SUPPRESS)  # `verify [config]`
     parser.add_argument("--version", action="version", version=f"track_metrics {__version__}")
     add = parser.add_argument
     add("--config", help="configuration file (default: unentropy.json, input config-file)")
@@ -3527,6 +3584,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--commit", "--branch", "--run-id"):
         add(flag, help="the build's context, when CI or git cannot tell")
     add("--run-number", type=int)
+    add("--event", help="the build's event: push, pull_request, import… (Unentropy's report and "
+        "gate baseline use push and import builds; default: from the CI, local outside CI)")
     add("--json", action="store_true", help="print the result as JSON on stdout (logs go to stderr)")
     add("--verbose", action="store_true")
     return parser
@@ -3567,9 +3626,72 @@ def check(params: ActionParameters, console: Console, as_json: bool) -> int:
     return EXIT_OK if all(status == "ok" for _, status, _ in rows) else EXIT_FAILED
 
 
+def collect_command(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    """`collect COLLECTOR ARGS…`: print one built-in collector's value (with the sources of
+    ./unentropy.json, or of --config FILE, when there is one)."""
+    argv = list(argv)
+    config_path = Path("unentropy.json")
+    if "--config" in argv[:-1]:
+        at = argv.index("--config")
+        config_path = Path(argv[at + 1])
+        del argv[at:at + 2]
+    try:
+        config = load_config(config_path) if config_path.exists() else Config()
+        value = run_collector(" ".join(shlex_quote(arg) for arg in argv), config.sources,
+                              config.base_path, Path("."))
+    except TrackMetricsError as exc:
+        sys.stderr.write(f"[{exc.code}] {exc.message}\n")
+        return EXIT_USAGE
+    except CollectError as exc:
+        sys.stderr.write(f"collect: {exc}\n")
+        return EXIT_FAILED
+    sys.stdout.write(js_string(value) + "\n")
+    return EXIT_OK
+
+
+def shlex_quote(arg: str) -> str:
+    """Quote an argument for split_arguments (which knows quotes, not escapes)."""
+    if arg and not re.search(r"[\s'\"]", arg):
+        return arg
+    return f"'{arg}'" if "'" not in arg else f'"{arg}"'
+
+
+def verify_command(config_path: Path, console: Console) -> int:
+    config = load_config(config_path)
+    for warning in config.warnings:
+        console.warning(warning)
+    sys.stdout.write(f"{config_path}: valid, {count(len(config.metrics), 'metric')}"
+                     f"{', ' + count(len(config.warnings), 'warning') if config.warnings else ''}\n")
+    return EXIT_OK
+
+
+def test_command(params: ActionParameters, config: Config, console: Console,
+                 environ: Mapping[str, str]) -> int:
+    """Run every metric as `run` would and print the values; no storage, no database."""
+    build = detect_build(environ, params, now_utc(), lambda args: git(args, params.workdir))
+    runner = CommandRunner(params.workdir, environ, console.secrets, config.sources, config.base_path)
+    deadline = time.monotonic() + params.timeout
+    with cancellation(params.timeout):
+        outcomes = collect_metrics(config.metrics, runner, build, params.jobs, deadline)
+    width = max(len(m.id) for m in config.metrics)
+    rows = []
+    for metric, outcome in zip(config.metrics, outcomes):
+        shown = format_value(outcome.value, metric.unit) if outcome.ok and metric.type == "numeric" \
+            else (outcome.value if outcome.ok else f"FAILED: {outcome.error}")
+        rows.append(f"{'ok' if outcome.ok else '--'}  {metric.id:<{width}}  {shown}  "
+                    f"({outcome.duration_ms} ms)")
+    failed = sum(not outcome.ok for outcome in outcomes)
+    rows.append(f"{len(outcomes) - failed} of {count(len(outcomes), 'metric')} collected"
+                + (f"; {failed} failed" if failed else ""))
+    sys.stdout.write(console.redact("\n".join(rows)) + "\n")
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ if environ is None else environ)
+    if argv[:1] == ["collect"]:
+        return collect_command(argv[1:], environ)
     console = Console(github=environ.get("GITHUB_ACTIONS") == "true")
     for secret in find_secrets(argv, environ):  # ::add-mask:: before anything else is printed
         console.add_secret(secret)
@@ -3580,7 +3702,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     console.verbose = args.verbose or environ.get("INPUT_VERBOSE", "").lower() == "true"
     result = ActionResult()
     try:
-        config_path = Path(args.config or environ.get("INPUT_CONFIG-FILE", "").strip() or "unentropy.json")
+        config_path = Path(args.config or args.config_file or environ.get("INPUT_CONFIG-FILE", "").strip()
+                           or "unentropy.json")
+        if args.command == "verify":
+            return verify_command(config_path, console)
         if args.command == "check" and not config_path.exists():
             config = Config(storage=StorageConfiguration())  # check needs no metrics, flags suffice
         else:
@@ -3603,6 +3728,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     else:
         if args.command == "check":
             return check(params, console, args.json)
+        if args.command == "test":
+            return test_command(params, config, console, environ)
         result = run(params, config, console, environ, command=args.command)
         if result.success:
             console.info(f"done: {count(len(result.metrics_collected), 'metric')} recorded, "

@@ -89,14 +89,23 @@ def test_commands_get_the_unentropy_variables_and_no_s3_secrets(run_local, tmp_p
     assert seen["AWS_ACCESS_KEY_ID"] is None
 
 
-def test_commands_run_in_the_config_directory_by_default(run_local, tmp_path):
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "VERSION").write_text("1.2.3\n")
-    config = write_config(project, {"version": {"type": "label", "command": "cat VERSION"}})
+def test_commands_run_in_the_working_directory_as_in_unentropy(run_local, tmp_path):
+    """config-file: .github/unentropy.json must not move the commands into .github/."""
+    (tmp_path / ".github").mkdir()
+    (tmp_path / "VERSION").write_text("1.2.3\n")
+    config = write_config(tmp_path / ".github", {"version": {"type": "label", "command": "cat VERSION"}})
     result = run_local("--config", str(config), "--local-db", str(tmp_path / "m.db"), "--json")
     assert result.returncode == 0, result.output
     assert "1.2.3" in (tmp_path / "unentropy-report" / "index.html").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "VERSION").write_text("4.5.6\n")
+    result = run_local("--config", str(config), "--local-db", str(tmp_path / "m.db"), "--workdir",
+                       str(elsewhere), "--json", "--no-report")
+    assert result.returncode == 0, result.output
+    connection = __import__("sqlite3").connect(tmp_path / "m.db")
+    assert ("4.5.6",) in connection.execute("SELECT value_label FROM metric_values").fetchall()
+    connection.close()
 
 
 def test_array_form_metrics_are_accepted(run_local, tmp_path):
