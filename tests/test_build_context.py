@@ -60,8 +60,8 @@ def test_any_other_ci_or_a_laptop_uses_git_and_flags(run_local, tmp_path):
     subprocess.run([*git, "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "x"], check=True)
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    rows = recorded(run_local, repo, {})
+    rows = recorded(run_local, repo, {}, cwd=repo)  # git is asked where the commands run
     assert rows[0][:2] == (head, "trunk") and rows[0][2].startswith("local-") and rows[0][3] == 1
     rows = recorded(run_local, repo, {}, "--commit", "6" * 40, "--branch", "b", "--run-id", "ci-7",
-                    "--run-number", "7")
+                    "--run-number", "7", cwd=repo)
     assert rows[-1] == ("6" * 40, "b", "ci-7", 7, "local")
