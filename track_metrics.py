@@ -664,6 +664,9 @@ class ActionParameters:
     s3: S3Configuration
     credentials: S3Credentials | None
     storage_type: str = "s3"  # s3 | sqlite-local | sqlite-artifact
+    storage_type_name: str = "sqlite-s3"  # as the user spelled it (the storage-type output)
+    artifact_name: str = "unentropy-metrics"
+    artifact_branch: str | None = None
     database_key: str = DEFAULT_DATABASE_KEY
     local_db: Path | None = None
     report_dir: Path = Path(DEFAULT_REPORT_DIR)
@@ -688,6 +691,8 @@ class ActionParameters:
 
     @property
     def location(self) -> str:
+        if self.storage_type == "sqlite-artifact":
+            return f"artifact {self.artifact_name}"
         if self.local_db is not None:
             return str(self.local_db)
         return f"s3://{self.s3.bucket}/{self.database_key}"
@@ -704,6 +709,8 @@ class ActionParameters:
         if key and (why := database_key_problem(key[0])) and storage_type != "sqlite-local":
             problems.append((key[1], f"{show(key[0])} {why}"))
         local_db = Path(args.local_db) if getattr(args, "local_db", None) else None
+        if storage_type == "sqlite-artifact" and key and Path(key[0]).is_absolute():
+            problems.append((key[1], f"{show(key[0])} must be relative: it is the artifact's file"))
         if storage_type == "sqlite-local" and local_db is None:
             local_db = Path(key[0] if key else DEFAULT_DATABASE_KEY)  # Unentropy: the key is a path
         s3, credentials = S3Configuration(region="us-east-1"), None
@@ -728,6 +735,10 @@ class ActionParameters:
         run_number = sources.get("run_number", None)
         return cls(
             s3=s3, credentials=credentials, storage_type=storage_type,
+            storage_type_name=(sources.get("storage_type", "storage-type") or (
+                {"s3": "sqlite-s3"}.get(storage_type, storage_type),))[0],
+            artifact_name=(sources.get("artifact_name", "artifact-name") or ("unentropy-metrics",))[0],
+            artifact_branch=(sources.get("artifact_branch", "artifact-branch-filter") or (None,))[0],
             database_key=key[0] if key else DEFAULT_DATABASE_KEY,
             local_db=local_db,
             report_dir=Path((sources.get("report_dir", "report-dir") or (config.report_dir or DEFAULT_REPORT_DIR,))[0]),
@@ -1488,28 +1499,182 @@ class LocalStorage:
         current = file_digests(self.path)[0] if self.path.exists() else None
         if current != (previous.sha256 if previous else None):
             raise Conflict("the local database changed during the run")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with open(path, "rb") as source, open(staging, "wb") as target:
-                shutil.copyfileobj(source, target, CHUNK_SIZE)
-                target.flush()
-                os.fsync(target.fileno())  # on disk before the rename makes it the database
-            os.replace(staging, self.path)  # atomic: readers see the old file or the new one
-        except BaseException:
-            staging.unlink(missing_ok=True)
-            raise
-        with contextlib.suppress(OSError):  # the rename itself, durable where folders sync
-            folder = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+        replace_file(path, self.path)
         self.landed = True
         return UploadResult(self.key, sha256, None, size, iso(dt.datetime.now(dt.timezone.utc)), sha256)
 
     def backup(self, previous: DatabaseFile) -> None:
         """Local files are the user's own; no backup copy is made."""
+
+
+def replace_file(source: Path, target: Path) -> None:
+    """Copy `source` over `target` atomically and durably: readers see the old file or the
+    new one, and a crash leaves at most a staging file (removed by the next locked run)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(source, "rb") as reader, open(staging, "wb") as writer:
+            shutil.copyfileobj(reader, writer, CHUNK_SIZE)
+            writer.flush()
+            os.fsync(writer.fileno())  # on disk before the rename makes it the database
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself, durable where folders sync
+        folder = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+class ArtifactStorage:
+    """History kept as GitHub Actions artifacts (Unentropy's default `sqlite-artifact`): the
+    newest non-expired artifact of that name on the branch is downloaded, the builds of the
+    next newest ones that it lacks are merged in (artifacts are immutable, so runs that ran
+    at once each left their own), and the result is left at the artifact path for the
+    workflow's `actions/upload-artifact` step."""
+
+    SIBLINGS = 3  # older artifacts merged in beside the newest
+
+    def __init__(self, params: "ActionParameters", console: Console, environ: Mapping[str, str],
+                 workspace: Path):
+        token = environ.get("GITHUB_TOKEN", "").strip() or environ.get("INPUT_GITHUB-TOKEN", "").strip()
+        repository = environ.get("GITHUB_REPOSITORY", "").strip()
+        missing = [name for name, value in (("GITHUB_TOKEN", token), ("GITHUB_REPOSITORY", repository))
+                   if not value]
+        if missing:
+            raise TrackMetricsError(
+                "PARAM_MISSING", f"storage-type sqlite-artifact needs {' and '.join(missing)} (the "
+                "action passes github.token; elsewhere set them, or use sqlite-s3 / sqlite-local)",
+                type="validation", details={"missing": missing})
+        if not re.fullmatch(r"[^/\s]+/[^/\s]+", repository):
+            raise TrackMetricsError("PARAM_INVALID", f"GITHUB_REPOSITORY {show(repository)} is not "
+                                    "'owner/repo'", type="validation")
+        self.console, self.workspace, self.token = console, workspace, token
+        console.add_secret(token)
+        self.api = (environ.get("GITHUB_API_URL") or "https://api.github.com").rstrip("/")
+        self.repository = repository
+        self.name = params.artifact_name
+        self.branch = params.artifact_branch or environ.get("GITHUB_REF_NAME") or "main"
+        self.path = Path(params.database_key)
+        self.key = self.path.name
+        self.location = f"artifact {self.name} on {self.branch}"
+        self.landed = False
+        self.source_run_id: str | None = None
+
+    def _request(self, url: str, accept: str = "application/vnd.github+json"):
+        import urllib.request
+        request = urllib.request.Request(url, headers={"Accept": accept, "X-GitHub-Api-Version": "2022-11-28",
+                                                       "User-Agent": f"track_metrics/{__version__}"})
+        # Unredirected: the token never follows the /zip redirect to blob storage on another host.
+        request.add_unredirected_header("Authorization", f"Bearer {self.token}")
+        return urllib.request.urlopen(request, timeout=60)
+
+    def _api_error(self, exc: Exception, what: str) -> TrackMetricsError:
+        import urllib.error
+        if isinstance(exc, urllib.error.HTTPError):
+            code = {401: "GITHUB_AUTH_FAILED", 403: "GITHUB_ACCESS_DENIED"}.get(exc.code, "GITHUB_API_ERROR")
+            hint = (" (the workflow needs `permissions: actions: read`)" if exc.code in (401, 403) else "")
+            return TrackMetricsError(code, f"{what}: HTTP {exc.code} {exc.reason}{hint}",
+                                     retryable=exc.code >= 500 or exc.code == 429)
+        return TrackMetricsError("GITHUB_NETWORK", f"{what}: {type(exc).__name__}: {exc}", retryable=True)
+
+    def artifacts(self) -> list[dict]:
+        """This branch's non-expired artifacts of the name, newest first (every page)."""
+        from urllib.parse import quote
+        found, page = [], 1
+        while True:
+            url = (f"{self.api}/repos/{self.repository}/actions/artifacts?name={quote(self.name, safe='')}"
+                   f"&per_page=100&page={page}")
+            try:
+                with self._request(url) as response:
+                    data = json.load(response)
+            except Exception as exc:  # HTTP, network or JSON: never "no history yet"
+                raise self._api_error(exc, f"listing the artifacts of {self.repository}") from None
+            batch = data.get("artifacts") or []
+            found += batch
+            if len(batch) < 100 or len(found) >= int(data.get("total_count") or 0):
+                break
+            page += 1
+        mine = [a for a in found if a.get("name") == self.name and not a.get("expired")
+                and (a.get("workflow_run") or {}).get("head_branch") == self.branch]
+        return sorted(mine, key=lambda a: (a.get("created_at") or "", a.get("id") or 0), reverse=True)
+
+    def download(self, artifact: dict, dest: Path) -> None:
+        """The artifact's zip (following the redirect without the token), and the database in it."""
+        import zipfile
+        archive = self.workspace / f"artifact-{artifact['id']}.zip"
+        try:
+            with self._request(f"{self.api}/repos/{self.repository}/actions/artifacts/{artifact['id']}/zip",
+                               "application/vnd.github+json") as response, open(archive, "wb") as handle:
+                shutil.copyfileobj(response, handle, CHUNK_SIZE)
+        except Exception as exc:
+            raise self._api_error(exc, f"downloading artifact {artifact['id']}") from None
+        try:
+            with zipfile.ZipFile(archive) as bundle:
+                members = [m for m in bundle.infolist() if not m.is_dir()]
+                member = next((m for m in members if Path(m.filename).name == self.key), None) \
+                    or (members[0] if len(members) == 1 else None)
+                if member is None:
+                    raise TrackMetricsError("DB_NOT_SQLITE", f"artifact {artifact['id']} holds no {self.key}")
+                check_upload_size(member.file_size)
+                with bundle.open(member) as source, open(dest, "wb") as target:
+                    shutil.copyfileobj(source, target, CHUNK_SIZE)
+        except zipfile.BadZipFile:
+            raise TrackMetricsError("CHECKSUM_MISMATCH", f"artifact {artifact['id']} is not a valid zip",
+                                    retryable=True) from None
+        finally:
+            archive.unlink(missing_ok=True)
+
+    def fetch(self, dest: Path) -> DatabaseFile | None:
+        listed = self.artifacts()
+        if not listed:
+            return None
+        newest = listed[0]
+        self.source_run_id = str((newest.get("workflow_run") or {}).get("id") or "")
+        self.download(newest, dest)
+        self.console.info(f"download: artifact {newest['id']} from run {self.source_run_id}")
+        self.merge_siblings(dest, listed[1:1 + self.SIBLINGS])
+        sha256, _, size = file_digests(dest)
+        return DatabaseFile(self.key, size, newest.get("created_at"), str(newest["id"]), None, sha256,
+                            self.location)
+
+    def merge_siblings(self, dest: Path, siblings: Sequence[dict]) -> None:
+        """Add the builds of older artifacts that the newest lacks (a concurrent run's)."""
+        try:
+            check_database(dest)
+        except TrackMetricsError:
+            return  # the newest is damaged: validate says so, with --on-corrupt's choices
+        for artifact in siblings:
+            sibling = self.workspace / f"sibling-{artifact['id']}.db"
+            try:
+                self.download(artifact, sibling)
+                check_database(sibling)
+            except TrackMetricsError as exc:
+                self.console.warning(f"artifact {artifact['id']} not merged ({exc.code}): {exc.message}")
+                continue
+            connection = open_database(dest)
+            try:
+                connection.execute("PRAGMA journal_mode=DELETE")
+                added = merge_salvage(connection, *salvage_rows(sibling))
+            finally:
+                connection.close()
+                sibling.unlink(missing_ok=True)
+            if added:
+                self.console.info(f"download: merged {count(added, 'build')} that only artifact "
+                                  f"{artifact['id']} (run {(artifact.get('workflow_run') or {}).get('id')}) had")
+
+    def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str, size: int,
+              generation: int, successor_holds_build: Callable[[], bool]) -> UploadResult:
+        """Leave the database at the artifact path; the workflow's upload step publishes it."""
+        replace_file(path, self.path)
+        self.landed = True
+        return UploadResult(self.key, None, None, size, iso(dt.datetime.now(dt.timezone.utc)), sha256)
+
+    def backup(self, previous: DatabaseFile) -> None:
+        """Older artifacts are the backups (until they expire)."""
 
 
 # ============================================================================================
@@ -3073,6 +3238,8 @@ class ActionResult:
     total_builds: int = 0
     duration_ms: int = 0
     error: WorkflowError | None = None
+    storage_type: str = ""
+    artifact: dict = field(default_factory=dict)  # sqlite-artifact: name, path, source-run-id…
 
     def phase(self, name: str) -> WorkflowPhase:
         return next(phase for phase in self.phases if phase.name == name)
@@ -3094,11 +3261,11 @@ class TrackingRun:
         self.config = config
         self.console = console
         self.environ = environ
-        self.result = ActionResult(database_location=params.location)
+        self.result = ActionResult(database_location=params.location, storage_type=params.storage_type_name)
         self.writer = uuid.uuid4().hex
         self.workspace = Path(tempfile.mkdtemp(prefix="track_metrics-"))
         self.keep_workspace = False
-        self.storage: S3Storage | LocalStorage | None = None
+        self.storage: S3Storage | LocalStorage | ArtifactStorage | None = None
         self.expected: DatabaseFile | None = None  # the object the next upload must replace
         self.base: Path | None = None  # the database this run's values are added to
         self.build: BuildContext | None = None
@@ -3165,6 +3332,9 @@ class TrackingRun:
             else:
                 self.storage = S3Storage(self.params, self.console, self.writer, self.environ)
             self.fetch_expected()
+            if isinstance(self.storage, ArtifactStorage):
+                self.result.artifact = {"name": self.storage.name, "path": str(self.storage.path),
+                                        "source-run-id": self.storage.source_run_id or ""}
             if self.expected is None:
                 phase.metadata["first_run"] = True
                 self.console.info(f"download: {self.storage.location} does not exist yet; "
@@ -3204,11 +3374,13 @@ class TrackingRun:
     def check_conditional_writes(self, phase: WorkflowPhase) -> None:
         """Refuse to write to a provider that silently ignores If-Match: it would lose builds.
         The verdict travels in the object's metadata, so the probe runs once per endpoint."""
+        if not isinstance(self.storage, S3Storage):
+            return
         if not self.params.conditional_writes:
             self.console.warning("conditional writes are off (--no-conditional-writes): runs that "
                                  "upload at the same time can lose each other's builds")
             return
-        if isinstance(self.storage, LocalStorage) or (
+        if (
                 self.expected and self.expected.metadata.get("conditional-writes") == self.storage.verdict):
             return
         accepted = self.storage.probe_conditional_writes()
@@ -3379,6 +3551,8 @@ class TrackingRun:
                                                 uploaded.etag, uploaded.version_id, sha256,
                                                 self.storage.location)
             self.result.total_builds = count_builds(self.working)
+            if isinstance(self.storage, ArtifactStorage):
+                self.result.artifact["upload-required"] = True
             self.console.info(f"upload: {self.storage.location}: {size:,} bytes, "
                               f"{count(self.result.total_builds, 'build')}")
 
@@ -3567,7 +3741,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--access-key-id", help="prefer the AWS_ACCESS_KEY_ID environment variable")
     add("--secret-access-key", help="prefer AWS_SECRET_ACCESS_KEY: command lines are visible")
     add("--session-token", help="prefer AWS_SESSION_TOKEN")
-    add("--storage-type", help="s3 (or its alias sqlite-s3)")
+    add("--storage-type", help="sqlite-s3 (or s3), sqlite-local (the database key is a file path) "
+        "or sqlite-artifact (GitHub Actions artifacts); default: the file's storage.type, else S3 "
+        "when a bucket is given, else sqlite-artifact under GitHub Actions and sqlite-local elsewhere")
+    add("--artifact-name", help="sqlite-artifact: the artifact's name (default: unentropy-metrics)")
+    add("--artifact-branch", help="sqlite-artifact: the branch whose artifacts hold the history "
+        "(input artifact-branch-filter; default: GITHUB_REF_NAME)")
     add("--addressing-style", help="auto (default), path or virtual")
     add("--allow-http", action="store_true", help="accept an http:// endpoint on a private network")
     add("--no-conditional-writes", action="store_true",
@@ -3594,7 +3773,7 @@ def build_parser() -> argparse.ArgumentParser:
 def write_github_outputs(path: str, result: ActionResult, secrets: Sequence[str]) -> None:
     database = result.database
     outputs = {
-        "success": str(result.success).lower(), "storage-type": "s3",
+        "success": str(result.success).lower(), "storage-type": result.storage_type,
         "database-location": result.database_location or "",
         "database-size": str(database.size) if database else "",
         "database-sha256": database.sha256 if database else "",
@@ -3603,6 +3782,10 @@ def write_github_outputs(path: str, result: ActionResult, secrets: Sequence[str]
         "report-path": result.report_path or "",
         "error-code": result.error.code if result.error else "",
         "error-message": result.error.message if result.error else "",
+        "source-run-id": result.artifact.get("source-run-id", ""),
+        "artifact-upload-required": str(bool(result.artifact.get("upload-required"))).lower(),
+        "artifact-name": result.artifact.get("name", ""),
+        "artifact-path": result.artifact.get("path", ""),
     }
     with open(path, "a", encoding="utf-8") as handle:
         for name, value in outputs.items():
