@@ -14,14 +14,21 @@ from conftest import ROOT, SIMPLE_METRICS, database_rows, get_object, write_conf
 ACTION = yaml.safe_load((ROOT / "action.yml").read_text())
 UNENTROPY_INPUTS = {"storage-type", "s3-endpoint", "s3-bucket", "s3-region", "s3-access-key-id",
                     "s3-secret-access-key", "s3-session-token", "config-file", "database-key",
-                    "report-dir", "timeout", "retry-attempts", "verbose"}
+                    "report-dir", "timeout", "retry-attempts", "verbose", "artifact-name",
+                    "artifact-branch-filter"}
 OUTPUTS = {"success", "storage-type", "database-location", "database-size", "database-sha256",
-           "metrics-collected", "total-builds", "duration", "report-path", "error-code", "error-message"}
+           "metrics-collected", "total-builds", "duration", "report-path", "error-code", "error-message",
+           "source-run-id", "artifact-upload-required", "artifact-name", "artifact-path"}
+
+
+GITHUB_CONTEXT = {"github.token": "ghs_testTokenOfTheRun0123456789", "github.ref_name": "main"}
 
 
 def render(text: str, inputs: dict[str, str]) -> str:
     def value(match: re.Match) -> str:
         expression = match.group(1).strip()
+        if expression in GITHUB_CONTEXT:
+            return GITHUB_CONTEXT[expression]
         assert expression.startswith("inputs."), expression
         return inputs[expression.removeprefix("inputs.")]
     return re.sub(r"\$\{\{(.*?)\}\}", value, text)
@@ -53,6 +60,8 @@ def run_action(tmp_path: Path, given: dict[str, str], github: dict[str, str], ba
         path.write_text("")
     results = []
     for step in ACTION["runs"]["steps"]:
+        if "uses" in step:  # the artifact upload: a JavaScript action the runner would start
+            continue
         env = dict(base_env, GITHUB_ACTIONS="true", GITHUB_ACTION_PATH=str(ROOT),
                    RUNNER_TEMP=str(runner_temp), **{k: str(v) for k, v in files.items()}, **github)
         env.update({name: render(str(value), inputs) for name, value in step.get("env", {}).items()})
@@ -108,7 +117,7 @@ def test_the_action_tracks_metrics_and_writes_outputs_and_summary(s3_server, buc
     assert outputs["success"] == "true" and outputs["error-code"] == ""
     assert outputs["database-location"] == f"s3://{bucket}/unentropy-metrics.db"
     assert outputs["metrics-collected"] == "3" and outputs["total-builds"] == "1"
-    assert outputs["storage-type"] == "s3"
+    assert outputs["storage-type"] == "sqlite-s3"  # Unentropy's name for it
     data = get_object(s3_server, bucket)
     assert outputs["database-size"] == str(len(data))
     import hashlib
@@ -150,3 +159,11 @@ def test_multi_line_outputs_survive_github_output(tmp_path):
     message = outputs["error-message"]
     assert message.count("\n") >= 2 and "metrics.A.type" in message and "metrics.A.command" in message
     assert outputs["success"] == "false"
+
+
+def test_the_artifact_upload_step_uploads_what_the_tool_names():
+    upload = next(step for step in ACTION["runs"]["steps"] if "uses" in step)
+    assert upload["uses"].startswith("actions/upload-artifact@")
+    assert upload["if"] == "steps.track.outputs.artifact-upload-required == 'true'"
+    assert upload["with"]["name"] == "${{ steps.track.outputs.artifact-name }}"
+    assert upload["with"]["path"] == "${{ steps.track.outputs.artifact-path }}"
