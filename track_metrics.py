@@ -2097,9 +2097,8 @@ class CommandRunner:
         err_tail = stderr.decode("utf-8", "replace").strip()[-500:]
         outcome = MetricOutcome(metric.id, duration_ms=elapsed_ms(started))
         try:
+            # Stored as printed; everything shown (logs, report, summary, outputs) is redacted.
             outcome.value = parse_value(stdout.decode("utf-8", "replace"), metric.type)
-            if metric.type == "label":
-                outcome.value = redact(outcome.value, self.secrets)
         except ValueError as exc:
             status = f"exited with {returncode}; " if returncode else ""
             outcome.error = f"{status}{exc}" + (f"; stderr: {err_tail}" if err_tail else "")
@@ -2987,9 +2986,13 @@ def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str
     return "".join(parts)
 
 
+DARK = "--bg:#101216;--card:#1a1d23;--text:#e9ebef;--muted:#9aa1ad;--line:#6ea8fe;--grid:#2b2f37;--good:#4ade80;--bad:#f87171;--border:#2b2f37"
+# report.mode: auto follows the system; light or dark (data-mode on <html>) holds whatever it is.
 REPORT_CSS = """
 :root{--bg:#f6f7f9;--card:#fff;--text:#1b1d21;--muted:#646a75;--line:#2563eb;--grid:#e6e8ec;--good:#15803d;--bad:#b91c1c;--border:#e2e5ea;color-scheme:light dark}
-@media (prefers-color-scheme:dark){:root{--bg:#101216;--card:#1a1d23;--text:#e9ebef;--muted:#9aa1ad;--line:#6ea8fe;--grid:#2b2f37;--good:#4ade80;--bad:#f87171;--border:#2b2f37}}
+@media (prefers-color-scheme:dark){:root:not([data-mode=light]){""" + DARK + """}}
+:root[data-mode=dark]{""" + DARK + """;color-scheme:dark}:root[data-mode=light]{color-scheme:light}
+.section{margin:20px 0 0}.section>h2{font-size:1.1rem}.section>p{margin:.2rem 0 0}
 *{box-sizing:border-box}[hidden]{display:none!important}html{-webkit-text-size-adjust:100%}
 body{margin:0;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:var(--bg);color:var(--text)}
 main{max-width:1400px;margin:0 auto;padding:16px}
@@ -3049,14 +3052,17 @@ def csp_hash(text: str) -> str:
 
 
 def render_report(builds: Builds, series: Iterator[Series], generated: dt.datetime,
-                  title: str, branch: str | None = None, recent: int = 20) -> tuple[str, list[list[str]]]:
+                  title: str, branch: str | None = None, recent: int = 20, mode: str = "auto",
+                  sections: Sequence = ()) -> tuple[str, list[list[str]]]:
     """The report as one HTML document — nothing is loaded from anywhere — and the job
-    summary's rows (metric, latest, previous, change)."""
+    summary's rows (metric, latest, previous, change). `sections` (Unentropy's
+    report.sections) group the cards under headings; metrics in no section come last."""
     esc = html.escape
     times = builds.times
     first_recent = max(0, len(builds) - recent)
     cells: dict[tuple[str, int], str] = {}
     cards, labels, summary, shown = [], [], [], []
+    card_of: dict[str, str] = {}
     chart_data: dict[str, dict[str, list]] = {}
     referenced: set[int] = set()
     for item in series:
@@ -3069,9 +3075,11 @@ def render_report(builds: Builds, series: Iterator[Series], generated: dt.dateti
             chart_data[item.id] = {"b": [p[2] for p in drawn], "v": [format_value(p[1], item.unit) for p in drawn]}
             referenced.update(p[2] for p in drawn)
             cards.append(_numeric_card(item, drawn))
+            card_of[item.id] = cards[-1]
         else:
             builds.describe(position for position, _ in item.changes)
             labels.append(_label_card(item, builds))
+            card_of[item.id] = labels[-1]
         summary.append(_summary_row(item))
     builds.describe(range(first_recent, len(builds)))
     builds.describe(referenced)
@@ -3082,8 +3090,9 @@ def render_report(builds: Builds, series: Iterator[Series], generated: dt.dateti
     data_json = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
     span = f"{esc(builds.span[0][:10])} → {esc(builds.span[1][:10])}" if len(builds) else "no builds yet"
     options = "".join(f'<option>{esc(name)}</option>' for name in sorted(branches))
+    mode_attribute = f' data-mode="{mode}"' if mode in ("light", "dark") else ""
     document = (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<!DOCTYPE html><html lang="en"{mode_attribute}><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
         f'style-src {csp_hash(REPORT_CSS)}; script-src {csp_hash(REPORT_JS)}; img-src data:">'
@@ -3094,12 +3103,32 @@ def render_report(builds: Builds, series: Iterator[Series], generated: dt.dateti
         '<p class="filters" id="tm-filters" hidden><label>Branch <select id="tm-branch">'
         f'<option value="">all</option>{options}</select></label><label>Since '
         '<input type="date" id="tm-since"></label></p></header>'
-        f'<section class="cards">{"".join(cards + labels) or "<p>No values recorded yet.</p>"}</section>'
+        f'{_card_sections(card_of, cards + labels, sections)}'
         f'{_builds_table(builds, shown, cells, first_recent)}</main>'
         '<div class="tip" id="tm-tip" hidden></div>'
         f'<script type="application/json" id="tm-data">{data_json}</script>'
         f'<script>{REPORT_JS}</script></body></html>\n')
     return document, summary
+
+
+def _card_sections(card_of: Mapping[str, str], ordered: Sequence[str], sections: Sequence) -> str:
+    """The cards, grouped by report.sections when the configuration has them."""
+    if not ordered:
+        return '<section class="cards"><p>No values recorded yet.</p></section>'
+    if not sections:
+        return f'<section class="cards">{"".join(ordered)}</section>'
+    esc, placed, parts = html.escape, set(), []
+    for name, description, charts in sections:
+        ids = [i for _, chart_ids in charts for i in chart_ids if i in card_of and i not in placed]
+        placed.update(ids)
+        if ids:
+            note = f'<p class="muted">{esc(description)}</p>' if description else ""
+            parts.append(f'<section class="section"><h2>{esc(name)}</h2>{note}<div class="cards">'
+                         f'{"".join(card_of[i] for i in ids)}</div></section>')
+    rest = [card for i, card in card_of.items() if i not in placed]
+    if rest:
+        parts.append(f'<section class="section"><h2>Other metrics</h2><div class="cards">{"".join(rest)}</div></section>')
+    return "".join(parts)
 
 
 def _card_head(item: Series, kind: str) -> str:
@@ -3175,12 +3204,13 @@ def summary_markdown(rows: Sequence[Sequence[str]]) -> str:
 
 
 def write_report(database: Path, report_dir: Path, configured: Sequence[MetricConfig], title: str,
-                 secrets: Sequence[str], branch: str | None = None) -> tuple[Path, str]:
+                 secrets: Sequence[str], branch: str | None = None, mode: str = "auto",
+                 sections: Sequence = ()) -> tuple[Path, str]:
     """Write `<report_dir>/index.html` atomically; return its path and the job summary."""
     connection = open_database(database)
     try:
         builds, series = read_history(connection, configured, branch)
-        document, rows = render_report(builds, series, now_utc(), title, branch)
+        document, rows = render_report(builds, series, now_utc(), title, branch, mode=mode, sections=sections)
     finally:
         connection.close()
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -3598,7 +3628,8 @@ class TrackingRun:
                 title = (self.environ.get("GITHUB_REPOSITORY") or self.environ.get("CI_PROJECT_PATH")
                          or self.params.workdir.resolve().name or self.params.database_key)
                 path, summary = write_report(self.working, self.params.report_dir, self.config.metrics,
-                                             title, self.console.secrets, self.params.report_branch)
+                                             title, self.console.secrets, self.params.report_branch,
+                                             self.config.report_mode, self.config.report_sections)
                 summary_path = self.environ.get("GITHUB_STEP_SUMMARY")
                 if summary_path:
                     with open(summary_path, "a", encoding="utf-8") as handle:

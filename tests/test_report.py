@@ -136,3 +136,21 @@ def test_no_report_tracks_and_uploads_only(run_cli, s3_server, bucket, tmp_path)
     assert document["report_path"] is None and document["phases"][4]["status"] == "skipped"
     assert get_object(s3_server, bucket) is not None
     assert not (tmp_path / "report").exists()
+
+
+def test_unentropy_report_mode_and_sections_shape_the_report(run_local, tmp_path):
+    metrics = {"coverage": {"type": "numeric", "command": "echo 80", "unit": "percent"},
+               "size": {"type": "numeric", "command": "echo 1000", "unit": "bytes"},
+               "status": {"type": "label", "command": "echo green"}}
+    extra = {"report": {"mode": "dark", "sections": [
+        {"name": "Quality", "description": "What the tests cover", "charts": [{"metrics": "coverage"}]},
+        {"name": "Delivery", "charts": [{"metrics": ["size", "unknown-id"], "title": "Bundle"}]}]}}
+    config = write_config(tmp_path, metrics, extra=extra)
+    result = run_local("--config", str(config), "--local-db", str(tmp_path / "m.db"))
+    assert result.returncode == 0, result.output
+    page = (tmp_path / "unentropy-report" / "index.html").read_text()
+    assert '<html lang="en" data-mode="dark">' in page
+    quality, delivery, other = (page.index(f"<h2>{name}</h2>") for name in ("Quality", "Delivery", "Other metrics"))
+    assert quality < page.index('id="metric-coverage"') < delivery < page.index('id="metric-size"') < other
+    assert other < page.index('id="metric-status"')
+    assert "What the tests cover" in page

@@ -226,3 +226,15 @@ def test_without_list_permission_the_first_run_goes_on_quietly(run_cli, proxy, s
     assert result.returncode == 0, result.output
     assert "beside it" not in result.stderr
     assert "could not list the key's folder (S3_ACCESS_DENIED)" in result.stderr
+
+
+def test_sqlite_local_takes_the_database_key_as_a_path(run_local, tmp_path):
+    write_config(tmp_path, {"a": {"type": "numeric", "command": "echo 1"}},
+                 storage={"type": "sqlite-local"}, extra={"database": {"key": "data/metrics.db"}})
+    result = run_local("--json", "--no-report")
+    assert result.returncode == 0, result.output
+    assert result.json()["database_location"] == "data/metrics.db"
+    assert (tmp_path / "data" / "metrics.db").exists()
+    result = run_local("--json", "--no-report", "--storage-type", "sqlite-local", "--database-key", "other.db")
+    assert result.returncode == 0, result.output
+    assert (tmp_path / "other.db").exists()
