@@ -274,8 +274,12 @@ KNOWN_KEYS = {
     "qualityGate": {"mode", "enablePullRequestComment", "maxCommentMetrics", "maxCommentCharacters",
                     "baseline", "thresholds"},
     "qualityGate.baseline": {"referenceBranch", "maxAgeDays"},
-    "threshold": {"metric", "mode", "target", "tolerance", "maxDropPercent", "severity"},
+    "threshold": {"metric", "mode", "target", "tolerance", "tolerancePercent", "maxDropPercent", "severity",
+                  "noise"},
 }
+# Which way is better for a template's metric (the gate reads "neutral" as up, as Unentropy).
+TEMPLATE_DIRECTIONS = {"coverage": "up", "function-coverage": "up", "size": "down", "build-time": "down",
+                       "test-time": "down", "dependencies-count": "down"}
 # Unentropy's metric templates ($ref): type, unit, default command, description.
 TEMPLATES = {
     "coverage": ("numeric", "percent", None, "Overall test coverage percentage across the codebase"),
@@ -428,7 +432,7 @@ def _check_threshold(path: str, rule: Any, metric_ids: set, problems: list, warn
     if mode not in ("no-regression", "min", "max", "delta-max-drop"):
         problems.append((f"{path}.mode", f"got {show(mode)}; accepted: \"no-regression\", \"min\", "
                          "\"max\" or \"delta-max-drop\""))
-    for name in ("target", "tolerance", "maxDropPercent"):
+    for name in ("target", "tolerance", "tolerancePercent", "maxDropPercent"):
         if name in rule and not _number(rule[name]):
             problems.append((f"{path}.{name}", f"got {show(rule[name])}; accepted: a number"))
     if _number(rule.get("tolerance")) and rule["tolerance"] < 0:
@@ -439,6 +443,16 @@ def _check_threshold(path: str, rule: Any, metric_ids: set, problems: list, warn
         problems.append((f"{path}.target", f"is required when mode is {show(mode)}"))
     if mode == "delta-max-drop" and "maxDropPercent" not in rule:
         problems.append((f"{path}.maxDropPercent", "is required when mode is \"delta-max-drop\""))
+    noise = rule.get("noise")
+    if noise is not None and (not isinstance(noise, dict) or noise.get("model") not in ("iqr", "t")
+                              or not (_whole(noise.get("sampleSize", 30)) and 3 <= noise.get("sampleSize", 30) <= 1000)
+                              or not (_number(noise.get("multiplier", 1.5)) and noise.get("multiplier", 1.5) > 0)
+                              or not (_number(noise.get("confidence", 0.99)) and 0.5 < noise.get("confidence", 0.99) < 1)):
+        problems.append((f"{path}.noise", f"got {show(noise)}; accepted: {{\"model\": \"iqr\" or \"t\", "
+                         "\"sampleSize\": 3-1000 (30), \"multiplier\": above 0 (iqr, 1.5), \"confidence\": "
+                         "0.5-1 (t, 0.99)}"))
+    if _number(rule.get("tolerancePercent")) and rule["tolerancePercent"] < 0:
+        problems.append((f"{path}.tolerancePercent", f"got {show(rule['tolerancePercent'])}; accepted: 0 or more"))
     if "severity" in rule and rule["severity"] not in ("warning", "blocker"):
         problems.append((f"{path}.severity", f"got {show(rule['severity'])}; accepted: \"warning\" or \"blocker\""))
 
@@ -584,10 +598,11 @@ def _parse_metric(path: str, metric_id: Any, body: Any, problems: list, warnings
     elif timeout is not None and timeout < 100:
         warnings.append(f"{path}.timeout: {show(timeout)} is in milliseconds (as in Unentropy), so "
                         f"the command gets {show(timeout)} ms; for seconds write {show(timeout * 1000)}")
-    direction = body.get("direction", "neutral")
+    direction = body.get("direction", TEMPLATE_DIRECTIONS.get(template, "neutral"))
+    direction = {"higher": "up", "lower": "down"}.get(direction, direction)
     if direction not in ("up", "down", "neutral"):
-        problems.append((f"{path}.direction", f"got {show(direction)}; accepted: \"up\" (higher is "
-                         "better), \"down\" (lower is better) or \"neutral\""))
+        problems.append((f"{path}.direction", f"got {show(direction)}; accepted: \"up\" (or \"higher\": "
+                         "higher is better), \"down\" (or \"lower\") or \"neutral\""))
     if len(problems) > before:
         return None
     return MetricConfig(metric_id, kind, command, unit, body.get("name", template),
@@ -699,12 +714,13 @@ class ActionParameters:
 
     @classmethod
     def from_sources(cls, args: argparse.Namespace, environ: Mapping[str, str],
-                     config: Config, config_path: Path) -> "ActionParameters":
-        """Resolve every parameter (flag → action input → environment → file) and validate it."""
+                     config: Config, config_path: Path, storage: bool = True) -> "ActionParameters":
+        """Resolve every parameter (flag → action input → environment → file) and validate it;
+        without `storage`, none of the storage's (for runs that touch none)."""
         sources = _Sources(args, environ)
         problems: list[tuple[str, str]] = []
         missing: list[tuple[str, str]] = []
-        storage_type = _storage_type(sources, args, environ, config, problems)
+        storage_type = _storage_type(sources, args, environ, config, problems) if storage else "sqlite-local"
         key = sources.get("database_key", "database-key", (), config.database_key, "database.key")
         if key and (why := database_key_problem(key[0])) and storage_type != "sqlite-local":
             problems.append((key[1], f"{show(key[0])} {why}"))
@@ -3221,6 +3237,473 @@ def write_report(database: Path, report_dir: Path, configured: Sequence[MetricCo
 
 
 # ============================================================================================
+# Quality gate
+# ============================================================================================
+
+GATE_MARKER = "<!-- unentropy-quality-gate -->"
+GATE_RESULTS = ".unentropy/quality-gate-results.json"
+BASELINE_EVENTS = ("push", "import")  # pull-request builds are never a baseline
+COMMENT_LIMIT = 65_000
+
+
+@dataclass
+class RuleResult:
+    mode: str
+    severity: str
+    status: str  # pass | fail | unknown
+    message: str
+    allowed: str = ""
+    band: float | None = None  # the noise band: the smallest change the rule can detect
+
+
+@dataclass
+class MetricVerdict:
+    metric: str
+    name: str
+    unit: str | None
+    direction: str
+    value: float | None
+    baseline: float | None = None
+    baseline_commit: str | None = None
+    rules: list[RuleResult] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        blockers = [r for r in self.rules if r.severity == "blocker"]
+        if any(r.status == "fail" for r in blockers):
+            return "fail"
+        if any(r.status == "fail" for r in self.rules):
+            return "warn"
+        return "pass" if any(r.status == "pass" for r in self.rules) else "unknown"
+
+
+def student_t_quantile(probability: float, freedom: int) -> float:
+    """The Student-t quantile, by bisection on its CDF (Simpson's rule over the density)."""
+    def density(x: float) -> float:
+        return math.exp(math.lgamma((freedom + 1) / 2) - math.lgamma(freedom / 2)
+                        - (freedom + 1) / 2 * math.log1p(x * x / freedom)) / math.sqrt(freedom * math.pi)
+
+    def cdf(x: float, steps: int = 2000) -> float:
+        width = x / steps
+        total = density(0) + density(x) + sum((4 if i % 2 else 2) * density(i * width) for i in range(1, steps))
+        return 0.5 + total * width / 3
+
+    low, high = 0.0, 1000.0
+    for _ in range(80):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
+    return (low + high) / 2
+
+
+def noise_band(values: Sequence[float], noise: Mapping[str, Any]) -> float | None:
+    """How far a value may stray from the baseline branch's recent values by noise alone: IQR
+    (k·(Q3 − Q1)) or a Student-t prediction interval (t·s·√(1 + 1/n)). None below 3 values."""
+    if len(values) < 3:
+        return None
+    import statistics
+    if noise.get("model") == "t":
+        confidence = float(noise.get("confidence", 0.99))
+        spread = statistics.stdev(values)
+        return student_t_quantile(1 - (1 - confidence) / 2, len(values) - 1) * spread * math.sqrt(1 + 1 / len(values))
+    quartiles = statistics.quantiles(values, n=4, method="inclusive")
+    return float(noise.get("multiplier", 1.5)) * (quartiles[2] - quartiles[0])
+
+
+def evaluate_rule(rule: Mapping[str, Any], verdict: MetricVerdict, center: float | None,
+                  band: float | None) -> RuleResult:
+    """One threshold rule on one metric. "Worse" follows the metric's direction (neutral: up)."""
+    mode, severity = rule["mode"], rule.get("severity", "blocker")
+    value, unit = verdict.value, verdict.unit
+    if value is None:
+        return RuleResult(mode, severity, "unknown", "no value was collected in this run")
+    if mode in ("min", "max"):
+        target = float(rule["target"])
+        ok = value >= target if mode == "min" else value <= target
+        return RuleResult(mode, severity, "pass" if ok else "fail",
+                          f"{format_value(value, unit)} {'≥' if mode == 'min' else '≤'} {format_value(target, unit)}"
+                          if ok else f"{format_value(value, unit)} is {'below' if mode == 'min' else 'above'} "
+                          f"the {mode} of {format_value(target, unit)}", f"{mode} {format_value(target, unit)}")
+    reference = center if center is not None else verdict.baseline
+    if reference is None:
+        return RuleResult(mode, severity, "unknown", "no baseline build with this metric")
+    worse = (reference - value) if verdict.direction != "down" else (value - reference)
+    if mode == "no-regression":
+        allowed = float(rule["tolerance"]) if "tolerance" in rule else (
+            abs(reference) * float(rule["tolerancePercent"]) / 100 if "tolerancePercent" in rule else 0.5)
+    else:  # delta-max-drop
+        allowed = abs(reference) * float(rule["maxDropPercent"]) / 100
+    if band is not None:
+        allowed = max(allowed, band)
+    ok = worse <= allowed + 1e-12 * max(1.0, abs(reference))
+    change = format_change(value, reference, unit)[0] if reference else format_value(value - reference, unit)
+    word = "better" if worse < 0 else ("worse" if worse > 0 else "unchanged")
+    return RuleResult(mode, severity, "pass" if ok else "fail",
+                      f"{change} ({word}; allowed worse by {format_value(allowed, unit)})",
+                      f"worse by ≤ {format_value(allowed, unit)}", band)
+
+
+class Baseline:
+    """Where each metric's baseline comes from: the build of the commit the measured code is
+    based on (a merge commit's first parent, or the merge base of a PR head with the base
+    branch), walking first-parent ancestors to the nearest one with a value; without git
+    history, the event's base commit, then the newest build on the branch."""
+
+    def __init__(self, connection: sqlite3.Connection | None, branch: str, workdir: Path,
+                 environ: Mapping[str, str], max_age_days: int, now: dt.datetime):
+        self.connection, self.branch, self.kind, self.commits = connection, branch, "none", []
+        self.considered = 0
+        self.cutoff = (now - dt.timedelta(days=max_age_days)).strftime("%Y-%m-%dT%H:%M:%S")
+        head = git(["rev-parse", "HEAD"], workdir)
+        parents = (git(["rev-list", "--parents", "-n", "1", "HEAD"], workdir) or "").split()[1:]
+        start = None
+        if head and len(parents) >= 2:
+            start, self.kind = parents[0], "merge-commit first parent"
+        elif head:
+            for ref in (f"origin/{branch}", branch):
+                base = git(["merge-base", "HEAD", ref], workdir)
+                if base:
+                    start, self.kind = base, f"merge base with {ref}"
+                    break
+        if start:
+            self.commits = (git(["rev-list", "--first-parent", "-n", "500", start], workdir) or "").split()
+        if not self.commits:
+            event_base = github_event_base(environ)
+            if event_base:
+                self.commits, self.kind = [event_base], "the event's base commit"
+
+    def value(self, metric: str) -> tuple[float | None, str | None]:
+        """(value, commit) of the metric's baseline build."""
+        if self.connection is None:
+            return None, None
+        events = ",".join("?" * len(BASELINE_EVENTS))
+        query = ("SELECT b.commit_sha, v.value_numeric FROM build_contexts b JOIN metric_values v ON v.build_id = b.id"
+                 f" WHERE v.metric_id = ? AND b.event_name IN ({events}) AND typeof(v.value_numeric) IN ('integer', 'real')")
+        if self.commits:
+            found = {}
+            for chunk in range(0, len(self.commits), 400):
+                part = self.commits[chunk:chunk + 400]
+                rows = self.connection.execute(
+                    query + f" AND b.commit_sha IN ({','.join('?' * len(part))}) ORDER BY b.timestamp",
+                    (metric, *BASELINE_EVENTS, *part)).fetchall()
+                found.update(rows)
+            for commit in self.commits:
+                if commit in found:
+                    return found[commit], commit
+            if not self.kind.startswith("the event"):
+                return None, None
+        row = self.connection.execute(query + " AND b.branch = ? AND b.timestamp >= ? ORDER BY b.timestamp DESC LIMIT 1",
+                                      (metric, *BASELINE_EVENTS, self.branch, self.cutoff)).fetchone()
+        if row:
+            self.kind = "the newest build on the branch"
+            return row[1], row[0]
+        return None, None
+
+    def recent(self, metric: str, size: int) -> list[float]:
+        """The metric's last `size` values on the baseline branch (push and import builds)."""
+        if self.connection is None:
+            return []
+        rows = self.connection.execute(
+            "SELECT v.value_numeric FROM build_contexts b JOIN metric_values v ON v.build_id = b.id"
+            " WHERE v.metric_id = ? AND b.branch = ? AND b.event_name IN ('push', 'import')"
+            " AND typeof(v.value_numeric) IN ('integer', 'real') ORDER BY b.timestamp DESC LIMIT ?",
+            (metric, self.branch, size)).fetchall()
+        return [row[0] for row in rows]
+
+
+def github_event_base(environ: Mapping[str, str]) -> str | None:
+    event = github_event(environ)
+    try:
+        return event["pull_request"]["base"]["sha"]
+    except (KeyError, TypeError):
+        return None
+
+
+def github_event(environ: Mapping[str, str]) -> dict:
+    try:
+        with open(environ.get("GITHUB_EVENT_PATH", ""), encoding="utf-8") as handle:
+            event = json.load(handle)
+        return event if isinstance(event, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def evaluate_gate(config: Config, values: Mapping[str, Any], baseline: Baseline) -> list[MetricVerdict]:
+    rules_of: dict[str, list] = {}
+    for rule in (config.quality_gate or {}).get("thresholds", []):
+        rules_of.setdefault(rule["metric"], []).append(rule)
+    verdicts = []
+    for metric in config.metrics:
+        if metric.id not in rules_of or metric.type != "numeric":
+            continue
+        value = values.get(metric.id)
+        verdict = MetricVerdict(metric.id, metric.name or metric.id, metric.unit,
+                                metric.direction if metric.direction != "neutral" else "up",
+                                float(value) if isinstance(value, (int, float)) else None)
+        verdict.baseline, verdict.baseline_commit = baseline.value(metric.id)
+        for rule in rules_of[metric.id]:
+            center = band = None
+            noise = rule.get("noise")
+            if noise and rule["mode"] in ("no-regression", "delta-max-drop"):
+                import statistics
+                recent = baseline.recent(metric.id, int(noise.get("sampleSize", 30)))
+                band = noise_band(recent, noise)
+                if band is not None:
+                    center = statistics.median(recent) if noise.get("model") != "t" else statistics.fmean(recent)
+            verdict.rules.append(evaluate_rule(rule, verdict, center, band))
+        verdicts.append(verdict)
+    return verdicts
+
+
+def gate_status(verdicts: Sequence[MetricVerdict]) -> str:
+    if any(v.status == "fail" for v in verdicts):
+        return "fail"
+    return "pass" if any(v.status in ("pass", "warn") for v in verdicts) else "unknown"
+
+
+def gate_comment(marker: str, status: str, mode: str, verdicts: Sequence[MetricVerdict], baseline_kind: str,
+                 branch: str, limit: int, note: str = "") -> str:
+    """The PR comment: failing rows first, the rest folded; capped in rows and characters."""
+    icon = {"pass": "✅", "fail": "❌", "unknown": "❔"}[status]
+    head = [marker, f"## {icon} Quality gate: {status} ({mode} mode)", ""]
+    if note:
+        head += [note, ""]
+    head.append(f"Baseline: {baseline_kind} on `{branch}`.")
+    header = ["", "| metric | base | this PR | change | allowed | result |", "|---|---|---|---|---|---|"]
+
+    def row(verdict: MetricVerdict) -> str:
+        base = "—" if verdict.baseline is None else format_value(verdict.baseline, verdict.unit)
+        if verdict.baseline_commit:
+            base += f" (`{verdict.baseline_commit[:7]}`)"
+        value = "—" if verdict.value is None else format_value(verdict.value, verdict.unit)
+        change = format_change(verdict.value, verdict.baseline, verdict.unit)[0] \
+            if verdict.value is not None and verdict.baseline is not None else "—"
+        allowed = "; ".join(r.allowed for r in verdict.rules if r.allowed) or "—"
+        result = "; ".join(f"{r.status} ({r.severity})" if r.status == "fail" else r.status for r in verdict.rules)
+        cells = [verdict.name, base, value, change, allowed, result]
+        return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+    failing = [v for v in verdicts if v.status in ("fail", "warn")]
+    rest = [v for v in verdicts if v.status not in ("fail", "warn")]
+    shown_failing, shown_rest = failing[:limit], rest[:max(0, limit - len(failing))]
+    lines = head + (header + [row(v) for v in shown_failing] if shown_failing else ["", "No metric failed."])
+    if shown_rest:
+        lines += ["", f"<details><summary>{count(len(rest), 'other metric')}</summary>", *header,
+                  *(row(v) for v in shown_rest), "", "</details>"]
+    hidden = len(verdicts) - len(shown_failing) - len(shown_rest)
+    if hidden:
+        lines += ["", f"{count(hidden, 'more metric')} not shown (max-pr-comment-metrics)."]
+    body = "\n".join(lines) + "\n"
+    return body if len(body) <= COMMENT_LIMIT else body[:COMMENT_LIMIT - 40] + "\n\n… (cut at 65,000 characters)\n"
+
+
+class PullRequestComments:
+    """One gate comment per pull request, found by its marker on every page and edited in place."""
+
+    def __init__(self, environ: Mapping[str, str], number: int, console: Console):
+        self.api = (environ.get("GITHUB_API_URL") or "https://api.github.com").rstrip("/")
+        self.repository, self.number, self.console = environ["GITHUB_REPOSITORY"], number, console
+        self.token = environ["GITHUB_TOKEN"]
+
+    def _call(self, method: str, url: str, body: dict | None = None) -> Any:
+        import urllib.request
+        request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Accept": "application/vnd.github+json",
+                                                  "X-GitHub-Api-Version": "2022-11-28",
+                                                  "Content-Type": "application/json",
+                                                  "User-Agent": f"track_metrics/{__version__}"})
+        request.add_unredirected_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    def upsert(self, marker: str, body: str) -> str:
+        """The comment's URL, after updating the existing one or creating it."""
+        base = f"{self.api}/repos/{self.repository}/issues"
+        page = 1
+        while True:
+            comments = self._call("GET", f"{base}/{self.number}/comments?per_page=100&page={page}")
+            mine = next((c for c in comments if marker in (c.get("body") or "")), None)
+            if mine:
+                return self._call("PATCH", f"{base}/comments/{mine['id']}", {"body": body}).get("html_url", "")
+            if len(comments) < 100:
+                break
+            page += 1
+        return self._call("POST", f"{base}/{self.number}/comments", {"body": body}).get("html_url", "")
+
+
+@dataclass
+class GateSettings:
+    mode: str
+    comment: bool
+    marker: str
+    max_metrics: int
+    output_file: Path
+    branch: str
+    values_file: Path | None = None
+    comment_file: Path | None = None
+
+
+def gate_settings(args: argparse.Namespace, environ: Mapping[str, str], config: Config) -> GateSettings:
+    gate = config.quality_gate or {}
+    sources = _Sources(args, environ)
+    problems: list[tuple[str, str]] = []
+    mode = (sources.get("gate_mode", "quality-gate-mode") or (gate.get("mode", "soft"), ""))[0]
+    if mode not in ("off", "soft", "hard"):
+        problems.append(("quality-gate-mode", f"got {show(mode)}; accepted: off, soft, hard"))
+    comment = sources.get("pr_comment", "enable-pr-comment")
+    comment_on = comment[0].lower() == "true" if comment else bool(gate.get("enablePullRequestComment", True))
+    limit = sources.number("max_comment_metrics", "max-pr-comment-metrics", gate.get("maxCommentMetrics", 30),
+                           1, 100, problems, int)
+    if problems:
+        raise config_error(problems, "PARAM_INVALID", "parameter")
+    branch = (sources.get("base_branch", None) or (None,))[0] or (gate.get("baseline") or {}).get("referenceBranch") \
+        or environ.get("GITHUB_BASE_REF") or environ.get("CI_MERGE_REQUEST_TARGET_BRANCH_NAME") or "main"
+    marker = (sources.get("comment_marker", "pr-comment-marker") or (GATE_MARKER,))[0]
+    output = Path((sources.get("output_file", "output-file") or (GATE_RESULTS,))[0])
+    return GateSettings(mode, comment_on, marker, limit, output, branch,
+                        Path(args.values) if getattr(args, "values", None) else None,
+                        Path(args.comment_file) if getattr(args, "comment_file", None) else None)
+
+
+def gate_values(settings: GateSettings, params: ActionParameters, config: Config, console: Console,
+                environ: Mapping[str, str]) -> dict[str, Any]:
+    """This run's values: collected exactly as `run` collects them, or read from --values."""
+    if settings.values_file is not None:
+        try:
+            document = json.loads(settings.values_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise TrackMetricsError("PARAM_INVALID", f"--values {settings.values_file}: {exc}",
+                                    type="validation") from exc
+        document = document.get("values", document) if isinstance(document, dict) else None
+        if not isinstance(document, dict):
+            raise TrackMetricsError("PARAM_INVALID", f"--values {settings.values_file}: expected an object "
+                                    "of metric id → value", type="validation")
+        return {k: v for k, v in document.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    build = detect_build(environ, params, now_utc(), lambda args: git(args, params.workdir))
+    runner = CommandRunner(params.workdir, environ, console.secrets, config.sources, config.base_path)
+    outcomes = collect_metrics(config.metrics, runner, build, params.jobs, time.monotonic() + params.timeout)
+    for outcome in outcomes:
+        if outcome.ok:
+            console.info(f"  {outcome.id} = {outcome.value!s}")
+        else:
+            console.warning(f"metric {outcome.id} skipped: {outcome.error}")
+    return {outcome.id: outcome.value for outcome in outcomes if outcome.ok}
+
+
+def gate_database(params: ActionParameters, console: Console, environ: Mapping[str, str],
+                  workspace: Path, branch: str) -> Path | None:
+    """The stored database, downloaded read-only (never created, never uploaded)."""
+    target = workspace / "gate.db"
+    if params.storage_type == "sqlite-artifact":
+        storage: Any = ArtifactStorage(dataclasses.replace(params, artifact_branch=params.artifact_branch or branch),
+                                       console, environ, workspace)
+    elif params.local_db is not None:
+        storage = LocalStorage(params.local_db, console)
+    else:
+        storage = S3Storage(params, console, uuid.uuid4().hex, environ)
+    if storage.fetch(target) is None:
+        console.info(f"gate: {storage.location} does not exist yet: no baseline")
+        return None
+    check_database(target, params.integrity)
+    return target
+
+
+def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: Console, config: Config,
+                 config_path: Path) -> int:
+    """`gate`: did this pull request make a metric worse than the code it is based on?"""
+    settings = gate_settings(args, environ, config)
+    workspace = Path(tempfile.mkdtemp(prefix="track_metrics-gate-"))
+    note, connection, params = "", None, None
+    values: dict[str, Any] = {}
+    verdicts: list[MetricVerdict] = []
+    baseline_kind = "none"
+    considered = 0
+    try:
+        if settings.mode != "off":
+            try:
+                params = ActionParameters.from_sources(args, environ, config, config_path)
+            except TrackMetricsError as exc:
+                if exc.code != "PARAM_MISSING":
+                    raise
+                note = (f"No baseline: {exc.message.splitlines()[-1].strip()} — a pull request from a fork "
+                        "gets no secrets; use the two-workflow pattern (`gate --values`) to gate it.")
+                params = ActionParameters.from_sources(args, environ, config, config_path, storage=False)
+            path = None
+            if not note:
+                try:
+                    path = gate_database(params, console, environ, workspace, settings.branch)
+                except TrackMetricsError as exc:
+                    if settings.mode == "hard" and exc.code not in ("S3_ACCESS_DENIED", "S3_AUTH_FAILED"):
+                        raise
+                    note = f"No baseline: the database could not be read ({exc.code}: {exc.message})"
+            connection = open_database(path) if path else None
+            values = gate_values(settings, params, config, console, environ)
+            gate = config.quality_gate or {}
+            baseline = Baseline(connection, settings.branch, params.workdir, environ,
+                                int((gate.get("baseline") or {}).get("maxAgeDays", 90)), now_utc())
+            verdicts = evaluate_gate(config, values, baseline)
+            baseline_kind = baseline.kind
+            if connection is not None:
+                considered = connection.execute(
+                    "SELECT COUNT(*) FROM build_contexts WHERE branch = ? AND event_name IN ('push', 'import')",
+                    (settings.branch,)).fetchone()[0]
+        else:
+            note = "The quality gate is off (quality-gate-mode off): nothing was evaluated."
+    finally:
+        if connection is not None:
+            connection.close()
+        shutil.rmtree(workspace, ignore_errors=True)
+    status = gate_status(verdicts) if settings.mode != "off" else "unknown"
+    failing = [v.metric for v in verdicts if v.status == "fail"]
+    document = {
+        "status": status, "mode": settings.mode, "referenceBranch": settings.branch,
+        "baseline": {"kind": baseline_kind, "buildsConsidered": considered}, "note": note,
+        "failingMetrics": failing, "metricsCollected": len(values),
+        "metrics": [{"metric": v.metric, "name": v.name, "unit": v.unit, "direction": v.direction,
+                     "value": v.value, "baseline": v.baseline, "baselineCommit": v.baseline_commit,
+                     "status": v.status, "rules": [dataclasses.asdict(r) for r in v.rules]} for v in verdicts],
+    }
+    results_json = console.redact(json.dumps(document, separators=(",", ":")))
+    settings.output_file.parent.mkdir(parents=True, exist_ok=True)
+    settings.output_file.write_text(console.redact(json.dumps(document, indent=2)) + "\n", encoding="utf-8")
+    body = console.redact(gate_comment(settings.marker, status, settings.mode, verdicts, baseline_kind,
+                                       settings.branch, settings.max_metrics, note))
+    if settings.comment_file:
+        settings.comment_file.write_text(body, encoding="utf-8")
+    comment_url = post_gate_comment(settings, body, environ, console) if settings.mode != "off" else ""
+    if environ.get("GITHUB_STEP_SUMMARY"):
+        with open(environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as handle:
+            handle.write(body.replace(settings.marker + "\n", "") + "\n")
+    outputs = {"quality-gate-status": status, "quality-gate-mode": settings.mode,
+               "quality-gate-failing-metrics": ",".join(failing), "quality-gate-comment-url": comment_url,
+               "metrics-collected": str(len(values)), "baseline-builds-considered": str(considered),
+               "baseline-reference-branch": settings.branch,
+               "quality-gate-results-path": str(settings.output_file), "quality-gate-results-json": results_json}
+    if environ.get("GITHUB_OUTPUT"):
+        write_outputs(environ["GITHUB_OUTPUT"], outputs, console.secrets)
+    console.info(f"gate: {status} ({settings.mode} mode){': ' + ', '.join(failing) + ' failed' if failing else ''}")
+    if note:
+        console.warning(note)
+    if getattr(args, "json", False):
+        sys.stdout.write(results_json + "\n")
+    return EXIT_FAILED if status == "fail" and settings.mode == "hard" else EXIT_OK
+
+
+def post_gate_comment(settings: GateSettings, body: str, environ: Mapping[str, str], console: Console) -> str:
+    """Create or update the PR comment; any refusal (a fork's read-only token) is a warning."""
+    number = (github_event(environ).get("pull_request") or {}).get("number")
+    if not (settings.comment and number and environ.get("GITHUB_TOKEN") and environ.get("GITHUB_REPOSITORY")):
+        return ""
+    import urllib.error
+    try:
+        return PullRequestComments(environ, int(number), console).upsert(settings.marker, body)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = f"HTTP {exc.code}" if isinstance(exc, urllib.error.HTTPError) else type(exc).__name__
+        console.warning(f"gate: the pull request comment could not be written ({reason}); a fork's token "
+                        "is read-only, and the job needs `permissions: pull-requests: write`")
+        return ""
+
+
+# ============================================================================================
 # Workflow
 # ============================================================================================
 
@@ -3750,13 +4233,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN. "
                "Exit codes: 0 ok, 1 failed, 2 bad configuration, 75 retryable.")
     parser.add_argument("command", nargs="?", default="run",
-                        choices=("run", "report", "check", "verify", "test", "collect"),
+                        choices=("run", "report", "check", "verify", "test", "collect", "gate"),
                         help="run (default): collect and upload; report: regenerate the report; "
                         "check: diagnose credentials, bucket, permissions and conditional writes; "
                         "verify: validate the configuration only; test: run every metric and print "
                         "the values, touching no storage; collect COLLECTOR ARGS: one built-in "
                         "collector's value (loc, size, coverage-lcov, coverage-cobertura, "
-                        "coverage-clover)")
+                        "coverage-clover); gate: compare this run's values with the baseline "
+                        "(qualityGate), read-only")
     parser.add_argument("config_file", nargs="?", help=argparse.SUPPRESS)  # `verify [config]`
     parser.add_argument("--version", action="version", version=f"track_metrics {__version__}")
     add = parser.add_argument
@@ -3797,8 +4281,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--event", help="the build's event: push, pull_request, import… (Unentropy's report and "
         "gate baseline use push and import builds; default: from the CI, local outside CI)")
     add("--json", action="store_true", help="print the result as JSON on stdout (logs go to stderr)")
+    gate = parser.add_argument_group("gate")
+    gate.add_argument("--quality-gate-mode", dest="gate_mode", help="off, soft (default) or hard")
+    gate.add_argument("--base-branch", help="the baseline branch (default: qualityGate.baseline."
+                      "referenceBranch, GITHUB_BASE_REF, GitLab's target branch, else main)")
+    gate.add_argument("--values", metavar="FILE.json", help="this run's values (metric id → value) "
+                      "instead of running the commands: the fork two-workflow pattern")
+    gate.add_argument("--comment-file", metavar="FILE", help="write the comment's Markdown (other CIs)")
+    gate.add_argument("--output-file", help=f"the results document (default: {GATE_RESULTS})")
+    gate.add_argument("--pr-comment-marker", dest="comment_marker", help=f"default: {GATE_MARKER}")
+    gate.add_argument("--max-pr-comment-metrics", dest="max_comment_metrics", help="rows in the comment (30)")
+    gate.add_argument("--enable-pr-comment", dest="pr_comment", help="true (default) or false")
     add("--verbose", action="store_true")
     return parser
+
+
+def write_outputs(path: str, outputs: Mapping[str, str], secrets: Sequence[str]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        for name, value in outputs.items():
+            delimiter = f"EOF_{uuid.uuid4().hex}"  # multi-line safe, and no value can forge it
+            handle.write(f"{name}<<{delimiter}\n{redact(value, secrets)}\n{delimiter}\n")
 
 
 def write_github_outputs(path: str, result: ActionResult, secrets: Sequence[str]) -> None:
@@ -3818,10 +4320,7 @@ def write_github_outputs(path: str, result: ActionResult, secrets: Sequence[str]
         "artifact-name": result.artifact.get("name", ""),
         "artifact-path": result.artifact.get("path", ""),
     }
-    with open(path, "a", encoding="utf-8") as handle:
-        for name, value in outputs.items():
-            delimiter = f"EOF_{uuid.uuid4().hex}"  # multi-line safe, and no value can forge it
-            handle.write(f"{name}<<{delimiter}\n{redact(value, secrets)}\n{delimiter}\n")
+    write_outputs(path, outputs, secrets)
 
 
 def check(params: ActionParameters, console: Console, as_json: bool) -> int:
@@ -3920,6 +4419,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                            or "unentropy.json")
         if args.command == "verify":
             return verify_command(config_path, console)
+        if args.command == "gate":
+            config = load_config(config_path)
+            for warning in config.warnings:
+                console.warning(warning)
+            with cancellation(float(environ.get("INPUT_TIMEOUT") or 300)):
+                return gate_command(args, environ, console, config, config_path)
         if args.command == "check" and not config_path.exists():
             config = Config(storage=StorageConfiguration())  # check needs no metrics, flags suffice
         else:
