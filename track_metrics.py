@@ -891,7 +891,7 @@ def _credentials(sources: _Sources, missing: list) -> S3Credentials | None:
 
 
 SECRET_SOURCES = ("INPUT_S3-SECRET-ACCESS-KEY", "INPUT_S3-SESSION-TOKEN",
-                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GITHUB_TOKEN")
 SECRET_FLAGS = ("--secret-access-key", "--session-token")
 
 
@@ -1569,7 +1569,6 @@ class ArtifactStorage:
             raise TrackMetricsError("PARAM_INVALID", f"GITHUB_REPOSITORY {show(repository)} is not "
                                     "'owner/repo'", type="validation")
         self.console, self.workspace, self.token = console, workspace, token
-        console.add_secret(token)
         self.api = (environ.get("GITHUB_API_URL") or "https://api.github.com").rstrip("/")
         self.repository = repository
         self.name = params.artifact_name
@@ -2141,9 +2140,9 @@ def command_environment(environ: Mapping[str, str], secrets: Sequence[str]) -> d
     """The run's environment without S3 credentials (or anything holding a secret value)."""
     dropped = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "INPUT_S3-ACCESS-KEY-ID", "INPUT_S3-SECRET-ACCESS-KEY", "INPUT_S3-SESSION-TOKEN"}
-    return {name: value for name, value in environ.items()
-            if name not in dropped and not any(len(secret) >= MIN_SECRET_LENGTH and secret in value
-                                                 for secret in secrets)}
+    return {name: value for name, value in environ.items()  # GITHUB_TOKEN stays: `gh` commands need it
+            if name not in dropped and (name == "GITHUB_TOKEN" or not any(
+                len(secret) >= MIN_SECRET_LENGTH and secret in value for secret in secrets))}
 
 
 def elapsed_ms(started: float) -> int:

@@ -111,8 +111,9 @@ def test_the_action_tracks_metrics_and_writes_outputs_and_summary(s3_server, buc
     assert [step.returncode for step in steps] == [0, 0], steps[-1].stderr
     log = steps[1].stderr
     assert "::group::download" in log and "::endgroup::" in log
-    assert log.count("::add-mask::") == 1
-    assert s3_server.keys.secret_access_key not in log.replace("::add-mask::" + s3_server.keys.secret_access_key, "")
+    assert log.count("::add-mask::") == 2  # the secret access key and the job's token
+    for secret in (s3_server.keys.secret_access_key, GITHUB_CONTEXT["github.token"]):
+        assert secret not in log.replace("::add-mask::" + secret, "")
     assert set(outputs) == OUTPUTS
     assert outputs["success"] == "true" and outputs["error-code"] == ""
     assert outputs["database-location"] == f"s3://{bucket}/unentropy-metrics.db"
