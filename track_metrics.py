@@ -256,6 +256,8 @@ class S3Credentials:
     access_key_id: str
     secret_access_key: str = field(repr=False)
     session_token: str | None = field(default=None, repr=False)
+    source: str = "explicit"  # or the botocore provider that supplied them (shared-credentials-file, …)
+    provider: Any = field(default=None, repr=False)  # botocore's own object: refreshes temporary ones
 
 
 STORAGE_TYPES = ("s3", "sqlite-s3", "sqlite-local", "sqlite-artifact")
@@ -879,15 +881,39 @@ def _credentials(sources: _Sources, missing: list) -> S3Credentials | None:
     key_id = sources.get("access_key_id", "s3-access-key-id", ("AWS_ACCESS_KEY_ID",))
     secret = sources.get("secret_access_key", "s3-secret-access-key", ("AWS_SECRET_ACCESS_KEY",))
     token = sources.get("session_token", "s3-session-token", ("AWS_SESSION_TOKEN",))
+    if key_id is None and secret is None:
+        found = credential_chain()
+        if found is not None:
+            return found
     if key_id is None:
         missing.append(("access key id", "input s3-access-key-id, the AWS_ACCESS_KEY_ID "
-                        "environment variable or --access-key-id"))
+                        "environment variable, --access-key-id, or an AWS profile, web identity "
+                        "token or instance role (botocore's credential chain)"))
     if secret is None:
         missing.append(("secret access key", "input s3-secret-access-key, the "
                         "AWS_SECRET_ACCESS_KEY environment variable or --secret-access-key"))
     if key_id is None or secret is None:
         return None
     return S3Credentials(key_id[0], secret[0], token[0] if token else None)
+
+
+def credential_chain() -> S3Credentials | None:
+    """Credentials the way AWS users have them when no key is given: botocore's provider chain
+    (AWS_PROFILE and the shared files, SSO, web identity, ECS, instance roles), imported only
+    then. Temporary ones are refreshed by botocore as they near expiry."""
+    try:
+        from botocore.session import get_session
+    except ImportError:
+        return None  # the missing dependency is reported where S3 needs it
+    try:
+        provider = get_session().get_credentials()
+        frozen = provider.get_frozen_credentials() if provider is not None else None
+    except Exception as exc:  # a broken profile or an unreachable STS: say so, not a traceback
+        raise TrackMetricsError("PARAM_INVALID", f"the AWS credential chain failed: {type(exc).__name__}: "
+                                f"{str(exc)[:300]}", type="validation") from exc
+    if frozen is None:
+        return None
+    return S3Credentials(frozen.access_key, frozen.secret_key, frozen.token, provider.method, provider)
 
 
 SECRET_SOURCES = ("INPUT_S3-SECRET-ACCESS-KEY", "INPUT_S3-SESSION-TOKEN",
@@ -1048,8 +1074,9 @@ class S3Client:
                 return known if known and self._should_sha256_sign_payload(request) else super().payload(request)
 
         credentials = params.credentials
-        self.signer = Signer(Credentials(credentials.access_key_id, credentials.secret_access_key,
-                                         credentials.session_token), "s3", params.s3.region)
+        self.signer = Signer(credentials.provider or Credentials(
+            credentials.access_key_id, credentials.secret_access_key, credentials.session_token),
+            "s3", params.s3.region)
         self.bucket = params.s3.bucket
         endpoint = urlsplit(params.s3.endpoint or f"https://s3.{params.s3.region}.amazonaws.com")
         self.scheme, self.netloc = endpoint.scheme, endpoint.netloc
@@ -4328,6 +4355,7 @@ def check(params: ActionParameters, console: Console, as_json: bool) -> int:
         return EXIT_USAGE
     storage = S3Storage(params, console, uuid.uuid4().hex)
     rows = diagnose(storage)
+    rows.insert(0, ("credentials from", params.credentials.source, ""))
     if as_json:
         document = [{"check": name, "status": status, "advice": advice} for name, status, advice in rows]
         sys.stdout.write(console.redact(json.dumps(document, indent=2)) + "\n")
@@ -4335,7 +4363,7 @@ def check(params: ActionParameters, console: Console, as_json: bool) -> int:
         width = max(len(name) for name, _, _ in rows)
         table = "\n".join(f"{name:<{width}}  {status:<7}  {advice}".rstrip() for name, status, advice in rows)
         sys.stdout.write(console.redact(f"{params.location}\n{table}") + "\n")
-    return EXIT_OK if all(status == "ok" for _, status, _ in rows) else EXIT_FAILED
+    return EXIT_OK if all(status == "ok" for _, status, _ in rows[1:]) else EXIT_FAILED
 
 
 def collect_command(argv: Sequence[str], environ: Mapping[str, str]) -> int:
@@ -4431,6 +4459,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         for warning in config.warnings:
             console.warning(warning)
         params = ActionParameters.from_sources(args, environ, config, config_path)
+        if params.credentials is not None:  # the chain's come from files or STS, not the environment
+            for secret in (params.credentials.secret_access_key, params.credentials.session_token or ""):
+                console.add_secret(secret)
         from urllib.parse import urlsplit
         endpoint = urlsplit(params.s3.endpoint or "")
         if params.local_db is None and endpoint.scheme == "http" and not is_loopback(endpoint.hostname or ""):

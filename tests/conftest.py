@@ -39,6 +39,7 @@ class S3Server:
     endpoint: str
     keys: Keys  # may do everything
     read_only: Keys  # s3:GetObject and s3:ListBucket only
+    admin: Keys = None  # everything, IAM included (to set up roles)
 
     def client(self, keys: Keys | None = None, endpoint: str | None = None):
         keys = keys or self.keys
@@ -71,9 +72,11 @@ def s3_server():
     keys = _create_user(iam, "tracker", ALLOW_ALL)
     read_only = _create_user(iam, "reader", {"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]})
+    admin = _create_user(iam, "admin", {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "*", "Resource": "*"}]})
     previous = moto.settings.INITIAL_NO_AUTH_ACTION_COUNT
     moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on every request is authenticated
-    yield S3Server(endpoint, keys, read_only)
+    yield S3Server(endpoint, keys, read_only, admin)
     moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = previous
     server.stop()
 
@@ -120,7 +123,9 @@ class Result:
 def base_environment(home: Path) -> dict[str, str]:
     """A clean environment: nothing of the caller's CI, AWS profile or Python leaks in."""
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8",
-            "PYTHONDONTWRITEBYTECODE": "1"}
+            "PYTHONDONTWRITEBYTECODE": "1",
+            # The credential chain must never reach for an instance's metadata service from a test.
+            "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 class Runner:

@@ -33,7 +33,7 @@ class Rule:
     path: str  # a regular expression searched in the request path (with query)
     # status | reset_request | reset_after_forward | truncate | flip (the answer's body) |
     # flip_request (the request's body) | swallow (answer 200, store nothing) | drop_etag |
-    # stall | ignore_conditions
+    # stall | ignore_conditions | sign_sts
     action: str
     count: int = 1  # how many matching requests it applies to; -1 for all
     status: int = 503
@@ -167,6 +167,8 @@ class FaultProxy:
         headers = [(n, v) for n, v in headers if n.lower() not in ("expect", "connection", "proxy-connection")]
         if rule and rule.action == "ignore_conditions":
             headers = self._without_conditions(method, path, headers, body)
+        if rule and rule.action == "sign_sts":  # moto demands a signature STS's web identity call lacks
+            headers = self._signed(method, path, headers, body, (), "sts")
         copy_if_match = lower.get("x-amz-copy-source-if-match") if self.strict and method == "PUT" else None
         precondition = (lambda: self._copy_source_etag(lower["x-amz-copy-source"]) == copy_if_match) \
             if copy_if_match else None
@@ -233,16 +235,21 @@ class FaultProxy:
 
     def _without_conditions(self, method, path, headers, body):
         """A provider that ignores If-Match/If-None-Match: drop them and sign the request again."""
-        from botocore.auth import S3SigV4Auth
+        return self._signed(method, path, headers, body, ("if-match", "if-none-match"), "s3")
+
+    def _signed(self, method, path, headers, body, dropped, service):
+        """The request without the `dropped` headers, signed again with the proxy's keys."""
+        from botocore.auth import S3SigV4Auth, SigV4Auth
         from botocore.awsrequest import AWSRequest
         from botocore.credentials import Credentials
 
-        dropped = ("if-match", "if-none-match", "authorization", "x-amz-date")
+        dropped = (*dropped, "authorization", "x-amz-date")
         kept = [(n, v) for n, v in headers if n.lower() not in dropped]
         host = dict((n.lower(), v) for n, v in kept)["host"]
         request = AWSRequest(method=method, url=f"http://{host}{path}", data=body, headers=dict(kept))
-        S3SigV4Auth(Credentials(self.keys.access_key_id, self.keys.secret_access_key), "s3",
-                    self.region).add_auth(request)
+        signer = S3SigV4Auth if service == "s3" else SigV4Auth
+        signer(Credentials(self.keys.access_key_id, self.keys.secret_access_key), service,
+               self.region).add_auth(request)
         return list(request.headers.items())
 
     @staticmethod
