@@ -42,14 +42,22 @@ Error codes (``WorkflowError.code``):
     S3_UNAVAILABLE          5xx, SlowDown, throttling after retries (retryable)
     S3_CONFLICT             concurrent writers kept winning the compare-and-swap (retryable)
     S3_CONDITIONAL_WRITES_UNSUPPORTED  the provider ignores If-Match / If-None-Match
-    S3_UPLOAD_UNVERIFIED    the object read back after upload is not what was written
+    S3_UPLOAD_UNVERIFIED    the object read back after upload does not hold this run's build
+    S3_NO_ETAG              the download came without an ETag (a conditional write needs one)
     S3_ERROR                any other S3 error
+    GITHUB_AUTH_FAILED, GITHUB_ACCESS_DENIED, GITHUB_API_ERROR, GITHUB_NETWORK
+                            the GitHub API refused or failed (sqlite-artifact storage)
+    DEPENDENCY_MISSING      botocore is not installed (S3 storage needs it)
     DB_TOO_LARGE            the database exceeds the 5 GiB single-PUT limit
-    CHECKSUM_MISMATCH       the downloaded bytes do not match their size or SHA-256
+    CHECKSUM_MISMATCH       the downloaded bytes do not match their size, SHA-256 or MD5 ETag
+    DB_NOT_FOUND            `report` found no database to report on
     DB_NOT_SQLITE           the object is not a SQLite database
-    DB_CORRUPT              SQLite's integrity check failed
-    DB_SCHEMA_UNKNOWN       a SQLite database that is not a metrics database
-    COLLECT_NOTHING         no metric command produced a value
+    DB_CORRUPT              SQLite's integrity check failed (on two downloads)
+    DB_SCHEMA_UNKNOWN       a SQLite database this tool cannot write (tables, UNIQUE keys, triggers)
+    DB_SCHEMA_NEWER         the database has a newer schema version: upgrade track_metrics
+    DB_WRITE_FAILED         SQLite refused to record the build
+    COLLECT_NOTHING         no metric command produced a value that could be recorded
+    METRICS_MISSING         --fail-on-missing: some metrics recorded no value
     REPORT_FAILED           the report could not be written (the database is safe)
     RUN_TIMEOUT             the run's --timeout passed (retryable)
     CANCELLED               the run was cancelled by SIGTERM/SIGINT (retryable)
@@ -71,6 +79,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -612,7 +621,7 @@ def _parse_metric(path: str, metric_id: Any, body: Any, problems: list, warnings
                         timeout / 1000 if timeout is not None else None, direction)
 
 
-def endpoint_problem(value: str, allow_http: bool) -> str | None:
+def endpoint_problem(value: str, allow_http: bool, allow_path: bool = False) -> str | None:
     """Why an endpoint URL is refused, or None when it is acceptable."""
     from urllib.parse import urlsplit
     try:
@@ -627,6 +636,11 @@ def endpoint_problem(value: str, allow_http: bool) -> str | None:
         return "must not contain user information (credentials go in the credential inputs)"
     if parts.query or parts.fragment or "?" in value or "#" in value:
         return "must not contain a query or fragment"
+    if parts.path.strip("/") and not allow_path:
+        first = parts.path.strip("/").split("/")[0]
+        return (f"has a path (/{parts.path.strip('/')}): if {first!r} is your bucket, give it with "
+                "--bucket (input s3-bucket) and the endpoint without it; for a gateway served under a "
+                "path, pass --allow-endpoint-path (input allow-endpoint-path)")
     if parts.scheme == "http" and not (allow_http or is_loopback(host)):
         return ("uses http://, accepted only for loopback hosts or with --allow-http "
                 "(input allow-http) for a private network")
@@ -864,7 +878,8 @@ def _s3_settings(sources: _Sources, config: Config, config_path: Path, problems:
             '  "storage": {"type": "s3", "s3": {"endpoint": "https://s3.eu-west-1.amazonaws.com",'
             ' "bucket": "my-metrics", "region": "eu-west-1"}}\n'
             "or run on a local file with --local-db PATH.", type="validation")
-    if endpoint and (why := endpoint_problem(endpoint[0], sources.flag("allow_http", "allow-http"))):
+    if endpoint and (why := endpoint_problem(endpoint[0], sources.flag("allow_http", "allow-http"),
+                                             sources.flag("allow_endpoint_path", "allow-endpoint-path"))):
         problems.append((endpoint[1], f"{show(endpoint[0])} {why}"))
     if bucket is None:
         missing.append(("bucket", "--bucket, input s3-bucket or storage.s3.bucket in the file"))
@@ -1066,8 +1081,14 @@ class S3Client:
     def __init__(self, params: ActionParameters, environ: Mapping[str, str]):
         import http.client  # here, not at the top: runs without S3 never need it
         from urllib.parse import urlsplit
-        from botocore.auth import S3SigV4Auth
-        from botocore.credentials import Credentials
+        try:
+            from botocore.auth import S3SigV4Auth
+            from botocore.credentials import Credentials
+        except ImportError:
+            raise TrackMetricsError(
+                "DEPENDENCY_MISSING", "S3 storage needs botocore, which is not installed: "
+                "`python3 -m pip install botocore`, or run the file with `uv run track_metrics.py` "
+                "or `pipx run track_metrics.py` (they read its PEP 723 header)", type="validation") from None
         class Signer(S3SigV4Auth):
             def payload(self, request):  # an upload's SHA-256 is known already: no second pass
                 known = request.context.get("payload_sha256")
@@ -1117,10 +1138,10 @@ class S3Client:
                         return response
                     return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
                 error = parse_error(response.status, response.read())
-            except self.errors:
+            except self.errors as exc:
                 self.close()
-                if attempt == self.attempts:
-                    raise
+                if attempt == self.attempts or isinstance(exc, socket.gaierror):
+                    raise  # a name that does not resolve will not resolve on a retry either
             else:
                 if not error.retryable or attempt == self.attempts:
                     raise error
@@ -1236,6 +1257,12 @@ class S3Storage:
                 raise Conflict(exc.code) from exc
             raise s3_error(exc, action, f"s3://{self.bucket}/{key}") from exc
         except self.http.errors as exc:
+            if isinstance(exc, socket.gaierror):
+                host = self.http.url(key)[0].rsplit(":", 1)[0]
+                raise TrackMetricsError(
+                    "S3_NETWORK", f"{action} s3://{self.bucket}/{key}: the host {host} does not resolve "
+                    f"({exc.strerror or exc}); check the endpoint URL for a typo", retryable=False,
+                    details={"action": action, "host": host}) from exc
             raise s3_error(exc, action, f"s3://{self.bucket}/{key}") from exc
 
     def fetch(self, dest: Path, key: str | None = None, version_id: str | None = None) -> DatabaseFile | None:
@@ -3749,7 +3776,7 @@ class WorkflowError:
 
     @property
     def exit_code(self) -> int:
-        if self.code.startswith(("CONFIG_", "PARAM_")):
+        if self.code.startswith(("CONFIG_", "PARAM_")) or self.code == "DEPENDENCY_MISSING":
             return EXIT_USAGE
         return EXIT_RETRYABLE if self.retryable else EXIT_FAILED
 
@@ -3825,8 +3852,7 @@ class TrackingRun:
                 yield phase
             except (TrackMetricsError, Cancelled) as exc:
                 phase.status, phase.error = "failed", WorkflowError.from_exception(exc)
-                self.console.error(f"{name} failed [{exc.code}]: {exc.message}")
-                raise
+                raise  # main prints the error, once
             except BaseException:
                 phase.status = "failed"
                 raise
@@ -3874,6 +3900,9 @@ class TrackingRun:
             if isinstance(self.storage, ArtifactStorage):
                 self.result.artifact = {"name": self.storage.name, "path": str(self.storage.path),
                                         "source-run-id": self.storage.source_run_id or ""}
+            if self.expected is None and self.command == "report":
+                raise TrackMetricsError("DB_NOT_FOUND", f"{self.storage.location} does not exist: there "
+                                        "is no history to report on (check the path or key)")
             if self.expected is None:
                 phase.metadata["first_run"] = True
                 self.console.info(f"download: {self.storage.location} does not exist yet; "
@@ -4043,6 +4072,10 @@ class TrackingRun:
                                       lambda args: git(args, self.params.workdir))
             self.console.info(f"collect: commit {self.build.commit_sha[:12]} on {self.build.branch}, "
                               f"run {self.build.run_id}")
+            if "unknown" in (self.build.commit_sha, self.build.branch):
+                self.console.warning("no CI variables and no git checkout here: the build is recorded as "
+                                     f"commit {self.build.commit_sha} on {self.build.branch}; pass --commit "
+                                     "and --branch (or run inside the repository)")
             runner = CommandRunner(self.params.workdir, self.environ, self.console.secrets,
                                    self.config.sources, self.config.base_path)
             deadline = time.monotonic() + self.params.timeout
@@ -4057,7 +4090,8 @@ class TrackingRun:
                 if outcome.ok:
                     self.values[outcome.id] = outcome.value
                     self.result.metrics_collected.append(outcome.id)
-                    self.console.info(f"  {outcome.id} = {outcome.value!s} ({outcome.duration_ms} ms)")
+                    shown = js_string(outcome.value) if isinstance(outcome.value, float) else outcome.value
+                    self.console.info(f"  {outcome.id} = {shown} ({outcome.duration_ms} ms)")
                     if outcome.warning:
                         self.console.warning(f"metric {outcome.id}: {outcome.warning}")
                 else:
@@ -4139,6 +4173,9 @@ class TrackingRun:
                 path, summary = write_report(self.working, self.params.report_dir, self.config.metrics,
                                              title, self.console.secrets, self.params.report_branch,
                                              self.config.report_mode, self.config.report_sections)
+                if self.result.metrics_failed:
+                    summary += "\n**Not recorded:**\n\n" + "".join(
+                        f"- `{metric}`: {reason.splitlines()[0][:200]}\n" for metric, reason in self.result.metrics_failed.items())
                 summary_path = self.environ.get("GITHUB_STEP_SUMMARY")
                 if summary_path:
                     with open(summary_path, "a", encoding="utf-8") as handle:
@@ -4290,6 +4327,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(input artifact-branch-filter; default: GITHUB_REF_NAME)")
     add("--addressing-style", help="auto (default), path or virtual")
     add("--allow-http", action="store_true", help="accept an http:// endpoint on a private network")
+    add("--allow-endpoint-path", action="store_true", help="accept an endpoint with a path (a gateway "
+        "served under one); without it a path is refused as a bucket written into the endpoint")
     add("--no-conditional-writes", action="store_true",
         help="plain PUT for providers without If-Match (concurrent runs can lose builds)")
     add("--max-conflict-retries", metavar="N", help="default: 10")
@@ -4307,6 +4346,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--event", help="the build's event: push, pull_request, import… (Unentropy's report and "
         "gate baseline use push and import builds; default: from the CI, local outside CI)")
     add("--json", action="store_true", help="print the result as JSON on stdout (logs go to stderr)")
+    add("--fail-on-missing", action="store_true", help="exit 1 when any metric recorded no value "
+        "(default: the others are recorded and the run succeeds)")
     gate = parser.add_argument_group("gate")
     gate.add_argument("--quality-gate-mode", dest="gate_mode", help="off, soft (default) or hard")
     gate.add_argument("--base-branch", help="the baseline branch (default: qualityGate.baseline."
@@ -4337,6 +4378,7 @@ def write_github_outputs(path: str, result: ActionResult, secrets: Sequence[str]
         "database-size": str(database.size) if database else "",
         "database-sha256": database.sha256 if database else "",
         "metrics-collected": str(len(result.metrics_collected)),
+        "metrics-failed": ",".join(result.metrics_failed),
         "total-builds": str(result.total_builds), "duration": str(result.duration_ms),
         "report-path": result.report_path or "",
         "error-code": result.error.code if result.error else "",
@@ -4364,6 +4406,17 @@ def check(params: ActionParameters, console: Console, as_json: bool) -> int:
         table = "\n".join(f"{name:<{width}}  {status:<7}  {advice}".rstrip() for name, status, advice in rows)
         sys.stdout.write(console.redact(f"{params.location}\n{table}") + "\n")
     return EXIT_OK if all(status == "ok" for _, status, _ in rows[1:]) else EXIT_FAILED
+
+
+def done_line(command: str, result: ActionResult) -> str:
+    """The last line of a successful run: what was recorded, what failed, where it all is."""
+    report = f"; report: {result.report_path}" if result.report_path else ""
+    if command != "run":
+        return f"done: {count(result.total_builds, 'build')} in {result.database_location}{report}"
+    recorded, failed = len(result.metrics_collected), list(result.metrics_failed)
+    what = f"{recorded} of {count(recorded + len(failed), 'metric')} recorded; failed: {', '.join(failed)}" \
+        if failed else f"{count(recorded, 'metric')} recorded"
+    return f"done: {what}, {count(result.total_builds, 'build')} in {result.database_location}{report}"
 
 
 def collect_command(argv: Sequence[str], environ: Mapping[str, str]) -> int:
@@ -4452,8 +4505,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 console.warning(warning)
             with cancellation(float(environ.get("INPUT_TIMEOUT") or 300)):
                 return gate_command(args, environ, console, config, config_path)
-        if args.command == "check" and not config_path.exists():
-            config = Config(storage=StorageConfiguration())  # check needs no metrics, flags suffice
+        if args.command in ("check", "report") and not config_path.exists():
+            # check needs no metrics; report draws every metric the database defines, as stored
+            config = Config(storage=StorageConfiguration() if args.command == "check" else None)
         else:
             config = load_config(config_path)
         for warning in config.warnings:
@@ -4481,13 +4535,21 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return test_command(params, config, console, environ)
         result = run(params, config, console, environ, command=args.command)
         if result.success:
-            console.info(f"done: {count(len(result.metrics_collected), 'metric')} recorded, "
-                         f"{count(result.total_builds, 'build')} in {result.database_location}; "
-                         f"report: {result.report_path}")
+            console.info(done_line(args.command, result))
+            if args.command == "run" and result.metrics_failed and args.fail_on_missing:
+                console.error(f"[METRICS_MISSING] {', '.join(result.metrics_failed)} recorded no value "
+                              "(--fail-on-missing)")
+                result.success = False
+                result.error = WorkflowError("collection", "METRICS_MISSING", "metrics failed: "
+                                             + ", ".join(result.metrics_failed), False)
         elif result.error:
             console.error(f"[{result.error.code}] {result.error.message}")
     if environ.get("GITHUB_OUTPUT"):
         write_github_outputs(environ["GITHUB_OUTPUT"], result, console.secrets)
+    if environ.get("GITHUB_STEP_SUMMARY") and result.error:  # a failed run says so where people look
+        with open(environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as handle:
+            handle.write(console.redact(f"### Metrics\n\n❌ The run failed: `{result.error.code}` — "
+                                        f"{result.error.message}\n"))
     if args.json:
         sys.stdout.write(result.to_json(console.secrets) + "\n")
     return EXIT_OK if result.success else (result.error.exit_code if result.error else EXIT_FAILED)
