@@ -18,7 +18,7 @@ UNENTROPY_INPUTS = {"storage-type", "s3-endpoint", "s3-bucket", "s3-region", "s3
                     "artifact-branch-filter"}
 OUTPUTS = {"success", "storage-type", "database-location", "database-size", "database-sha256",
            "metrics-collected", "total-builds", "duration", "report-path", "error-code", "error-message",
-           "source-run-id", "artifact-upload-required", "artifact-name", "artifact-path"}
+           "source-run-id", "artifact-upload-required", "artifact-name", "artifact-path", "metrics-failed"}
 
 
 GITHUB_CONTEXT = {"github.token": "ghs_testTokenOfTheRun0123456789", "github.ref_name": "main"}
