@@ -4289,78 +4289,120 @@ def diagnose(storage: S3Storage) -> list[tuple[str, str, str]]:
 # Command line
 # ============================================================================================
 
+VERBS = {  # verb → (what it does, an example)
+    "run": ("collect the metrics, add this build to the history, write the report (the default verb)",
+            "track_metrics.py run --config unentropy.json --bucket acme-metrics --region eu-west-1"),
+    "report": ("write the report from the stored history, collecting nothing (no configuration needed: "
+               "it draws every metric the database defines)", "track_metrics.py report --local-db metrics.db"),
+    "check": ("diagnose the storage: endpoint, credentials (and which provider gave them), bucket, "
+              "read, write, conditional writes, delete", "track_metrics.py check --bucket acme-metrics"),
+    "verify": ("validate a configuration file and touch nothing", "track_metrics.py verify .github/unentropy.json"),
+    "test": ("run every metric and print a table of values, touching no storage", "track_metrics.py test"),
+    "collect": ("print one built-in collector's value: loc, size, coverage-lcov, coverage-cobertura, "
+                "coverage-clover", "track_metrics.py collect loc ./src --language TypeScript"),
+    "gate": ("compare this run's values with the baseline (qualityGate rules), comment on the pull "
+             "request; read-only", "track_metrics.py gate --local-db metrics.db --quality-gate-mode hard"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """One subcommand a verb; the options a verb shares with others come from parent parsers,
+    so `VERB --help` shows exactly that verb's options and an example."""
+    def group(title: str, *options: tuple) -> argparse.ArgumentParser:
+        parent = argparse.ArgumentParser(add_help=False)
+        section = parent.add_argument_group(title)
+        for flags, settings in options:
+            section.add_argument(*flags, **settings)
+        return parent
+
+    flag = {"action": "store_true"}
+    common = group("output", (("--config",), {"help": "configuration file (default: unentropy.json; input config-file)"}),
+                   (("--json",), {**flag, "help": "print the result as JSON on stdout (logs go to stderr)"}),
+                   (("--verbose",), {**flag, "help": "log each storage request and command as it runs"}))
+    storage = group(
+        "storage",
+        (("--storage-type",), {"help": "sqlite-s3 (or s3), sqlite-local (the key is a file path) or sqlite-artifact "
+                                       "(GitHub Actions artifacts); default: storage.type, else S3 when a bucket is "
+                                       "given, else sqlite-artifact under GitHub Actions and sqlite-local elsewhere"}),
+        (("--local-db",), {"metavar": "PATH", "help": "a local SQLite file instead of remote storage"}),
+        (("--endpoint",), {"help": "S3 endpoint URL (default: AWS S3 for the region)"}),
+        (("--bucket",), {"help": "bucket name (or storage.s3.bucket in the file)"}),
+        (("--region",), {"help": "S3 region (default: us-east-1)"}),
+        (("--database-key",), {"metavar": "KEY", "help": f"object key or file (default: {DEFAULT_DATABASE_KEY})"}),
+        (("--access-key-id",), {"help": "prefer AWS_ACCESS_KEY_ID (without keys: botocore's credential chain)"}),
+        (("--secret-access-key",), {"help": "prefer AWS_SECRET_ACCESS_KEY: command lines are visible"}),
+        (("--session-token",), {"help": "prefer AWS_SESSION_TOKEN"}),
+        (("--artifact-name",), {"help": "sqlite-artifact: the artifact's name (default: unentropy-metrics)"}),
+        (("--artifact-branch",), {"help": "sqlite-artifact: the branch whose artifacts hold the history "
+                                          "(input artifact-branch-filter; default: GITHUB_REF_NAME)"}),
+        (("--addressing-style",), {"help": "auto (default: path-style except on AWS), path or virtual"}),
+        (("--allow-http",), {**flag, "help": "accept an http:// endpoint on a private network"}),
+        (("--allow-endpoint-path",), {**flag, "help": "accept an endpoint with a path (a gateway served under "
+                                                      "one); otherwise refused as a bucket written into it"}),
+        (("--integrity",), {"choices": ("full", "quick"), "help": "SQLite integrity_check (default) or quick_check"}),
+        (("--request-timeout",), {"metavar": "SECONDS", "help": "per-request timeout (default: 30)"}),
+        (("--retry-attempts",), {"metavar": "N", "help": "attempts per storage request (default: 5)"}),
+        (("--timeout",), {"metavar": "SECONDS", "help": "deadline for the whole run (default: 300)"}))
+    collection = group(
+        "collection and the build's context",
+        (("--workdir",), {"help": "where metric commands run (default: the current directory, as Unentropy)"}),
+        (("--jobs",), {"metavar": "N", "help": "metric commands run at once (default: 1)"}),
+        (("--commit",), {"help": "the build's commit, when CI or git cannot tell"}),
+        (("--branch",), {"help": "the build's branch, when CI or git cannot tell"}),
+        (("--run-id",), {"help": "the build's run id: the same commit and run id replace a build, never duplicate it"}),
+        (("--run-number",), {"type": int, "help": "the build's run number"}),
+        (("--event",), {"help": "push, pull_request, import… (default: from the CI; local outside CI)"}))
+    report = group("report",
+                   (("--report-dir",), {"metavar": "DIR", "help": f"where index.html goes (default: {DEFAULT_REPORT_DIR})"}),
+                   (("--report-branch",), {"metavar": "BRANCH", "help": "draw only this branch's builds (default: all)"}))
+    writing = group(
+        "writing the history",
+        (("--no-report",), {**flag, "help": "track and upload only; write no report"}),
+        (("--no-conditional-writes",), {**flag, "help": "plain PUT for providers without If-Match (concurrent "
+                                                        "runs can then lose builds)"}),
+        (("--max-conflict-retries",), {"metavar": "N", "help": "re-applications after a concurrent upload (default: 10)"}),
+        (("--on-corrupt",), {"help": "fail (default), restore (from the newest valid backup) or recreate"}),
+        (("--no-backup",), {**flag, "help": "do not keep <key>.bak before overwriting"}),
+        (("--fail-on-missing",), {**flag, "help": "exit 1 when any metric recorded no value"}))
+    gate = group(
+        "quality gate",
+        (("--quality-gate-mode",), {"dest": "gate_mode", "help": "off, soft (default) or hard"}),
+        (("--base-branch",), {"help": "the baseline branch (default: qualityGate.baseline.referenceBranch, "
+                                      "GITHUB_BASE_REF, GitLab's target branch, else main)"}),
+        (("--values",), {"metavar": "FILE.json", "help": "this run's values (metric id → value) instead of running "
+                                                          "the commands: the fork two-workflow pattern"}),
+        (("--comment-file",), {"metavar": "FILE", "help": "also write the comment's Markdown here (other CIs)"}),
+        (("--output-file",), {"help": f"the results document (default: {GATE_RESULTS})"}),
+        (("--pr-comment-marker",), {"dest": "comment_marker", "help": f"the comment's marker (default: {GATE_MARKER})"}),
+        (("--max-pr-comment-metrics",), {"dest": "max_comment_metrics", "help": "rows in the comment (default: 30)"}),
+        (("--enable-pr-comment",), {"dest": "pr_comment", "help": "true (default) or false"}))
+    parents = {"run": [common, storage, collection, report, writing], "report": [common, storage, report],
+               "check": [common, storage], "verify": [common], "test": [common, collection],
+               "collect": [common], "gate": [common, storage, collection, gate]}
     parser = argparse.ArgumentParser(
-        prog="track_metrics.py",
-        description="Track a codebase's metrics across CI runs in a SQLite database on S3.",
-        epilog="Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN. "
-               "Exit codes: 0 ok, 1 failed, 2 bad configuration, 75 retryable.")
-    parser.add_argument("command", nargs="?", default="run",
-                        choices=("run", "report", "check", "verify", "test", "collect", "gate"),
-                        help="run (default): collect and upload; report: regenerate the report; "
-                        "check: diagnose credentials, bucket, permissions and conditional writes; "
-                        "verify: validate the configuration only; test: run every metric and print "
-                        "the values, touching no storage; collect COLLECTOR ARGS: one built-in "
-                        "collector's value (loc, size, coverage-lcov, coverage-cobertura, "
-                        "coverage-clover); gate: compare this run's values with the baseline "
-                        "(qualityGate), read-only")
-    parser.add_argument("config_file", nargs="?", help=argparse.SUPPRESS)  # `verify [config]`
+        prog="track_metrics.py", description="Track a codebase's metrics across CI runs in a SQLite database "
+        "on S3-compatible storage, a local file or GitHub Actions artifacts.",
+        epilog="Without a verb, `run`. Exit codes: 0 ok, 1 failed, 2 bad configuration or parameters, "
+               "75 retryable. `track_metrics.py VERB --help` shows a verb's options.")
     parser.add_argument("--version", action="version", version=f"track_metrics {__version__}")
-    add = parser.add_argument
-    add("--config", help="configuration file (default: unentropy.json, input config-file)")
-    add("--local-db", metavar="PATH", help="use a local SQLite file instead of S3")
-    add("--endpoint", help="S3 endpoint URL (default: AWS for the region)")
-    add("--bucket")
-    add("--region", help="default: us-east-1")
-    add("--database-key", metavar="KEY", help=f"object key (default: {DEFAULT_DATABASE_KEY})")
-    add("--report-dir", metavar="DIR", help=f"default: {DEFAULT_REPORT_DIR}")
-    add("--report-branch", metavar="BRANCH", help="draw only this branch's builds (default: all)")
-    add("--no-report", action="store_true", help="track and upload only; write no report")
-    add("--access-key-id", help="prefer the AWS_ACCESS_KEY_ID environment variable")
-    add("--secret-access-key", help="prefer AWS_SECRET_ACCESS_KEY: command lines are visible")
-    add("--session-token", help="prefer AWS_SESSION_TOKEN")
-    add("--storage-type", help="sqlite-s3 (or s3), sqlite-local (the database key is a file path) "
-        "or sqlite-artifact (GitHub Actions artifacts); default: the file's storage.type, else S3 "
-        "when a bucket is given, else sqlite-artifact under GitHub Actions and sqlite-local elsewhere")
-    add("--artifact-name", help="sqlite-artifact: the artifact's name (default: unentropy-metrics)")
-    add("--artifact-branch", help="sqlite-artifact: the branch whose artifacts hold the history "
-        "(input artifact-branch-filter; default: GITHUB_REF_NAME)")
-    add("--addressing-style", help="auto (default), path or virtual")
-    add("--allow-http", action="store_true", help="accept an http:// endpoint on a private network")
-    add("--allow-endpoint-path", action="store_true", help="accept an endpoint with a path (a gateway "
-        "served under one); without it a path is refused as a bucket written into the endpoint")
-    add("--no-conditional-writes", action="store_true",
-        help="plain PUT for providers without If-Match (concurrent runs can lose builds)")
-    add("--max-conflict-retries", metavar="N", help="default: 10")
-    add("--on-corrupt", help="fail (default), restore or recreate")
-    add("--no-backup", action="store_true", help="do not keep <key>.bak before overwriting")
-    add("--integrity", choices=("full", "quick"), help="SQLite integrity_check or quick_check")
-    add("--workdir", help="where metric commands run (default: the current directory, as Unentropy)")
-    add("--jobs", metavar="N", help="metric commands run at once (default: 1)")
-    add("--timeout", metavar="SECONDS", help="deadline for the whole run (default: 300)")
-    add("--request-timeout", metavar="SECONDS", help="per-request S3 timeout (default: 30)")
-    add("--retry-attempts", metavar="N", help="attempts per S3 request (default: 5)")
-    for flag in ("--commit", "--branch", "--run-id"):
-        add(flag, help="the build's context, when CI or git cannot tell")
-    add("--run-number", type=int)
-    add("--event", help="the build's event: push, pull_request, import… (Unentropy's report and "
-        "gate baseline use push and import builds; default: from the CI, local outside CI)")
-    add("--json", action="store_true", help="print the result as JSON on stdout (logs go to stderr)")
-    add("--fail-on-missing", action="store_true", help="exit 1 when any metric recorded no value "
-        "(default: the others are recorded and the run succeeds)")
-    gate = parser.add_argument_group("gate")
-    gate.add_argument("--quality-gate-mode", dest="gate_mode", help="off, soft (default) or hard")
-    gate.add_argument("--base-branch", help="the baseline branch (default: qualityGate.baseline."
-                      "referenceBranch, GITHUB_BASE_REF, GitLab's target branch, else main)")
-    gate.add_argument("--values", metavar="FILE.json", help="this run's values (metric id → value) "
-                      "instead of running the commands: the fork two-workflow pattern")
-    gate.add_argument("--comment-file", metavar="FILE", help="write the comment's Markdown (other CIs)")
-    gate.add_argument("--output-file", help=f"the results document (default: {GATE_RESULTS})")
-    gate.add_argument("--pr-comment-marker", dest="comment_marker", help=f"default: {GATE_MARKER}")
-    gate.add_argument("--max-pr-comment-metrics", dest="max_comment_metrics", help="rows in the comment (30)")
-    gate.add_argument("--enable-pr-comment", dest="pr_comment", help="true (default) or false")
-    add("--verbose", action="store_true")
+    verbs = parser.add_subparsers(dest="command", metavar="VERB", title="verbs")
+    for verb, (summary, example) in VERBS.items():
+        sub = verbs.add_parser(verb, parents=parents[verb], help=summary, description=summary[0].upper() + summary[1:] + ".",
+                               epilog=f"example: {example}")
+        if verb == "verify":
+            sub.add_argument("config_file", nargs="?", metavar="CONFIG", help="the file to check (default: --config)")
+        if verb == "collect":
+            sub.add_argument("collector", choices=COLLECTORS, help="the collector")
+            sub.add_argument("arguments", nargs=argparse.REMAINDER, help="its arguments, as after @collect")
     return parser
+
+
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """The verb's arguments; no verb (or only options) means `run`, as before verbs existed."""
+    argv = list(argv)
+    if not argv or (argv[0] not in VERBS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "run")
+    return build_parser().parse_args(argv)
 
 
 def write_outputs(path: str, outputs: Mapping[str, str], secrets: Sequence[str]) -> None:
@@ -4483,19 +4525,19 @@ def test_command(params: ActionParameters, config: Config, console: Console,
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     environ = dict(os.environ if environ is None else environ)
-    if argv[:1] == ["collect"]:
+    if argv[:1] == ["collect"] and argv[1:2] not in (["-h"], ["--help"]):
         return collect_command(argv[1:], environ)
     console = Console(github=environ.get("GITHUB_ACTIONS") == "true")
     for secret in find_secrets(argv, environ):  # ::add-mask:: before anything else is printed
         console.add_secret(secret)
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_arguments(argv)
     except SystemExit as exc:  # --help, --version, or a usage error argparse has explained
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_USAGE
     console.verbose = args.verbose or environ.get("INPUT_VERBOSE", "").lower() == "true"
     result = ActionResult()
     try:
-        config_path = Path(args.config or args.config_file or environ.get("INPUT_CONFIG-FILE", "").strip()
+        config_path = Path(args.config or getattr(args, "config_file", None) or environ.get("INPUT_CONFIG-FILE", "").strip()
                            or "unentropy.json")
         if args.command == "verify":
             return verify_command(config_path, console)
@@ -4536,7 +4578,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         result = run(params, config, console, environ, command=args.command)
         if result.success:
             console.info(done_line(args.command, result))
-            if args.command == "run" and result.metrics_failed and args.fail_on_missing:
+            if args.command == "run" and result.metrics_failed and getattr(args, "fail_on_missing", False):
                 console.error(f"[METRICS_MISSING] {', '.join(result.metrics_failed)} recorded no value "
                               "(--fail-on-missing)")
                 result.success = False

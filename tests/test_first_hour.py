@@ -138,3 +138,20 @@ def test_build_outputs_are_ignored():
     ignored = subprocess.run(["git", "check-ignore", "build/lib/x.py", "track_metrics.egg-info/PKG-INFO"], cwd=ROOT,
                              capture_output=True, text=True)
     assert ignored.stdout.split() == ["build/lib/x.py", "track_metrics.egg-info/PKG-INFO"]
+
+
+def test_each_verb_has_its_own_help_with_an_example_and_every_option_is_described(run_local):
+    overall = run_local("--help")
+    assert overall.returncode == 0 and "gate" in overall.stdout and "collect" in overall.stdout
+    import re
+    for verb in ("run", "report", "check", "verify", "test", "collect", "gate"):
+        result = run_local(verb, "--help")
+        assert result.returncode == 0, result.output
+        assert result.stdout != overall.stdout and f"track_metrics.py {verb}" in result.stdout
+        assert "example: track_metrics.py" in result.stdout
+        options = re.findall(r"^  (--[a-z-]+)(.*)$", result.stdout, re.M)
+        undescribed = [name for name, rest in options if not rest.strip()
+                       and not re.search(rf"^  {name}[^\n]*\n {{20,}}\S", result.stdout, re.M)]
+        assert undescribed == [], (verb, undescribed)
+    assert "--bucket" in run_local("check", "--help").stdout
+    assert "--bucket" not in run_local("verify", "--help").stdout
