@@ -2990,8 +2990,10 @@ def format_change(latest: float, previous: float | None, unit: str | None) -> tu
     delta = latest - previous
     sign = "+" if delta > 0 else ("−" if delta < 0 else "±")
     text = sign + format_value(abs(delta), unit).lstrip("-")
+    if unit == "percent":  # a difference of percentages is in points; say which number is which
+        text = text.rstrip("%") + " pp"
     if previous:
-        text += f" ({sign}{abs(delta) / abs(previous) * 100:.1f}%)"
+        text += f" ({sign}{abs(delta) / abs(previous) * 100:.1f}%{' relative' if unit == 'percent' else ''})"
     return text, delta
 
 
@@ -3016,11 +3018,26 @@ def nice_ticks(low: float, high: float, count: int = 4) -> list[float]:
     return [round(index * step, 10) for index in range(first, last + 1)]
 
 
+def time_labels(low: float, high: float) -> list[str]:
+    """Four x-axis labels, as precise as the span needs: times within a day, dates and times
+    within a week, dates beyond."""
+    span = high - low
+    shape = "%H:%M" if span <= 86400 else ("%m-%d %H:%M" if span <= 7 * 86400 else "%Y-%m-%d")
+    labels = [dt.datetime.fromtimestamp(low + span * index / 3, dt.timezone.utc).strftime(shape)
+              for index in range(4)]
+    if span <= 86400:  # the day once, on the first label
+        labels[0] = dt.datetime.fromtimestamp(low, dt.timezone.utc).strftime("%Y-%m-%d ") + labels[0]
+    return labels
+
+
 def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str:
     """An inline SVG line chart of (time, value, build index) points: axes, gridlines, tick
     labels and a marker on the latest point. `points` are already downsampled for drawing."""
-    width, height, left, right, top, bottom = 600, 240, 6, 6, 24, 30
     ticks = nice_ticks(series.minimum, series.maximum)
+    labels = [format_value(tick, series.unit) for tick in ticks]
+    # Tick labels stand in a margin of their own, wide enough at the phone-size font.
+    width, height, right, top, bottom = 600, 240, 8, 12, 30
+    left = min(170, 14 + 12 * max(len(label) for label in labels))
     y_low, y_high = ticks[0], ticks[-1]
     t_low, t_high = points[0][0], points[-1][0]
     if t_high == t_low:
@@ -3035,15 +3052,18 @@ def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str
     esc = html.escape
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" data-metric="{esc(series.id)}" '
              f'aria-label="{esc(series.name)}: {series.count} values over time">']
-    for tick in ticks:  # labels sit on their gridlines, inside the plot: no margin to size
+    for tick, label in zip(ticks, labels):
         parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" '
-                     f'y2="{y(tick):.1f}"/><text class="tick" x="{left}" y="{y(tick) - 4:.1f}">'
-                     f'{esc(format_value(tick, series.unit))}</text>')
+                     f'y2="{y(tick):.1f}"/><text class="tick" x="{left - 6}" y="{y(tick) + 4:.1f}" '
+                     f'text-anchor="end">{esc(label)}</text>')
     parts.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{height - bottom}" '
                  f'y2="{height - bottom}"/>')
-    for index in range(4):
+    shown = []
+    for index, label in enumerate(time_labels(t_low, t_high)):
+        if label in shown:
+            continue
+        shown.append(label)
         moment = t_low + (t_high - t_low) * index / 3
-        label = dt.datetime.fromtimestamp(moment, dt.timezone.utc).strftime("%Y-%m-%d")
         parts.append(f'<text class="tick" x="{x(moment):.1f}" y="{height - 6}" text-anchor='
                      f'"{("start", "middle", "middle", "end")[index]}">{label}</text>')
     line = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v, _ in points)
@@ -3108,8 +3128,28 @@ document.querySelectorAll('svg.chart').forEach(function(svg){
   dot.setAttribute('cx',pts[best][0]);dot.setAttribute('cy',pts[best][1]);dot.setAttribute('r',4);});
  svg.addEventListener('mouseleave',function(){tip.hidden=true;dot.setAttribute('r',0);});
 });
+function card(c){var a=c.svg.closest('article'),q=function(s){return a.querySelector(s);};
+ if(!c.saved)c.saved={v:q('.latest-value').textContent,ch:q('.change').textContent,cls:q('.change').className,
+  mn:q('.stat-min').textContent,mx:q('.stat-max').textContent,n:q('.stat-count').textContent,
+  cx:q('.latest').getAttribute('cx'),cy:q('.latest').getAttribute('cy')};return q;}
+function restat(c){var q=card(c),s=c.saved,idx=[];
+ c.d.b.forEach(function(b,i){if(visible(b))idx.push(i);});
+ var all=!branch.value&&!since.value,last=idx[idx.length-1],prev=idx[idx.length-2],mark=q('.latest');
+ if(all||!idx.length){q('.latest-value').textContent=all?s.v:'\u2013';q('.change').textContent=all?s.ch:'no value';
+  q('.change').className=all?s.cls:'change';q('.stat-min').textContent=all?s.mn:'';q('.stat-max').textContent=all?s.mx:'';
+  q('.stat-count').textContent=all?s.n:'0 points';mark.setAttribute('cx',s.cx);mark.setAttribute('cy',s.cy);
+  mark.setAttribute('r',all?4.5:0);return;}
+ var lo=idx[0],hi=idx[0];idx.forEach(function(i){if(c.d.r[i]<c.d.r[lo])lo=i;if(c.d.r[i]>c.d.r[hi])hi=i;});
+ q('.latest-value').textContent=c.d.v[last];q('.stat-min').textContent='min '+c.d.v[lo];
+ q('.stat-max').textContent='max '+c.d.v[hi];q('.stat-count').textContent=idx.length+(idx.length==1?' point':' points');
+ var ch='first value',cls='change';if(prev!==undefined){var d=c.d.r[last]-c.d.r[prev],p=c.d.r[prev];
+  ch=(d>0?'+':d<0?'\u2212':'\u00b1')+(p?Math.abs(d/p*100).toFixed(1)+'% '+(c.d.u=='percent'?'relative ':''):'')+'vs '+c.d.v[prev];
+  if(d&&c.d.d!='neutral')cls+=((d>0)==(c.d.d=='up')?' better':' worse');}
+ q('.change').textContent=ch;q('.change').className=cls;
+ mark.setAttribute('cx',c.pts[last][0]);mark.setAttribute('cy',c.pts[last][1]);mark.setAttribute('r',4.5);}
 function apply(){charts.forEach(function(c){c.line.setAttribute('points',(!branch.value&&!since.value)?c.all:
- c.pts.filter(function(p,i){return visible(c.d.b[i]);}).map(function(p){return p.join(',');}).join(' '));});
+ c.pts.filter(function(p,i){return visible(c.d.b[i]);}).map(function(p){return p.join(',');}).join(' '));restat(c);});
+ document.getElementById('tm-branch-label').textContent='branch: '+(branch.value||'all branches');
  document.querySelectorAll('tr[data-branch]').forEach(function(row){row.hidden=(branch.value&&row.getAttribute('data-branch')!==branch.value)||(since.value&&row.getAttribute('data-time')<since.value);});}
 branch.addEventListener('change',apply);since.addEventListener('change',apply);
 document.getElementById('tm-filters').hidden=false;
@@ -3132,16 +3172,19 @@ def render_report(builds: Builds, series: Iterator[Series], generated: dt.dateti
     cells: dict[tuple[str, int], str] = {}
     cards, labels, summary, shown = [], [], [], []
     card_of: dict[str, str] = {}
+    names: dict[str, str] = {}
     chart_data: dict[str, dict[str, list]] = {}
     referenced: set[int] = set()
     for item in series:
         if not item.count:
             continue
         shown.append(item.id)
+        names[item.id] = item.name
         cells.update(((item.id, position), format_value(value, item.unit)) for position, value in item.recent.items())
         if item.type == "numeric":
             drawn = [(times[position], value, position) for position, value in item.drawn]
-            chart_data[item.id] = {"b": [p[2] for p in drawn], "v": [format_value(p[1], item.unit) for p in drawn]}
+            chart_data[item.id] = {"b": [p[2] for p in drawn], "v": [format_value(p[1], item.unit) for p in drawn],
+                                   "r": [p[1] for p in drawn], "u": item.unit or "", "d": item.direction}
             referenced.update(p[2] for p in drawn)
             cards.append(_numeric_card(item, drawn))
             card_of[item.id] = cards[-1]
@@ -3167,13 +3210,13 @@ def render_report(builds: Builds, series: Iterator[Series], generated: dt.dateti
         f'style-src {csp_hash(REPORT_CSS)}; script-src {csp_hash(REPORT_JS)}; img-src data:">'
         f'<title>{esc(title)} · metrics</title><style>{REPORT_CSS}</style></head><body><main>'
         f'<header><h1>{esc(title)}</h1><p class="meta"><span>{count(len(builds), "build")}</span>'
-        f'<span>{span}</span><span>branch: {esc(branch) if branch else "all branches"}</span>'
+        f'<span>{span}</span><span id="tm-branch-label">branch: {esc(branch) if branch else "all branches"}</span>'
         f'<span>generated {generated.strftime("%Y-%m-%d %H:%M")} UTC by track_metrics {__version__}</span></p>'
         '<p class="filters" id="tm-filters" hidden><label>Branch <select id="tm-branch">'
         f'<option value="">all</option>{options}</select></label><label>Since '
         '<input type="date" id="tm-since"></label></p></header>'
         f'{_card_sections(card_of, cards + labels, sections)}'
-        f'{_builds_table(builds, shown, cells, first_recent)}</main>'
+        f'{_builds_table(builds, shown, cells, first_recent, names)}</main>'
         '<div class="tip" id="tm-tip" hidden></div>'
         f'<script type="application/json" id="tm-data">{data_json}</script>'
         f'<script>{REPORT_JS}</script></body></html>\n')
@@ -3216,9 +3259,9 @@ def _numeric_card(item: Series, drawn: Sequence[tuple[float, float, int]]) -> st
     esc = html.escape
     return (f'{_card_head(item, "metric")}<div class="latest-value">{esc(format_value(latest, item.unit))}</div>'
             f'<div class="stats"><span class="change {mood}">{esc(change)}</span>'
-            f'<span>min {esc(format_value(item.minimum, item.unit))}</span>'
-            f'<span>max {esc(format_value(item.maximum, item.unit))}</span>'
-            f'<span>{count(item.count, "point")}</span></div>{svg_chart(item, drawn)}</article>')
+            f'<span class="stat-min">min {esc(format_value(item.minimum, item.unit))}</span>'
+            f'<span class="stat-max">max {esc(format_value(item.maximum, item.unit))}</span>'
+            f'<span class="stat-count">{count(item.count, "point")}</span></div>{svg_chart(item, drawn)}</article>')
 
 
 def _label_card(item: Series, builds: Builds) -> str:
@@ -3233,11 +3276,11 @@ def _label_card(item: Series, builds: Builds) -> str:
 
 
 def _builds_table(builds: Builds, shown: Sequence[str], cells: Mapping[tuple[str, int], str],
-                  first: int) -> str:
+                  first: int, names: Mapping[str, str]) -> str:
     if not len(builds):
         return ""
     esc = html.escape
-    head = "".join(f"<th>{esc(metric_id)}</th>" for metric_id in shown)
+    head = "".join(f"<th>{esc(names.get(metric_id, metric_id))}</th>" for metric_id in shown)
     rows = []
     for index in range(len(builds) - 1, first - 1, -1):
         commit, branch, run_number, timestamp = builds.details[index]

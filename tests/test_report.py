@@ -154,3 +154,29 @@ def test_unentropy_report_mode_and_sections_shape_the_report(run_local, tmp_path
     assert quality < page.index('id="metric-coverage"') < delivery < page.index('id="metric-size"') < other
     assert other < page.index('id="metric-status"')
     assert "What the tests cover" in page
+
+
+def test_charts_label_times_within_a_day_and_keep_tick_labels_off_the_plot():
+    import re
+    import sys
+    from conftest import TOOL
+    sys.path.insert(0, str(TOOL.parent))
+    import track_metrics as tm
+    labels = tm.time_labels(1_700_000_000, 1_700_000_000 + 6 * 3600)
+    assert len(set(labels)) == 4 and labels[0].startswith("2023-11-14 ") and re.fullmatch(r"\d\d:\d\d", labels[1])
+    assert tm.time_labels(0, 3 * 86400)[1].count(":") == 1 and tm.time_labels(0, 90 * 86400)[1].count("-") == 2
+    item = tm.Series("coverage", "numeric", "percent", "Coverage", None, "up")
+    item.minimum, item.maximum, item.count = 70.0, 100.0, 3
+    svg = tm.svg_chart(item, [(0.0, 70.0, 0), (3600.0, 85.0, 1), (7200.0, 100.0, 2)])
+    plot_left = float(re.search(r'<line class="grid" x1="([\d.]+)"', svg).group(1))
+    tick_xs = [float(x) for x, y in re.findall(r'<text class="tick" x="([\d.]+)" y="([\d.]+)" text-anchor="end"', svg)
+               if y != "234"]  # not the time axis's last label
+    assert tick_xs and all(x < plot_left for x in tick_xs)  # y labels in their own margin
+    assert tm.format_change(85, 80, "percent")[0] == "+5 pp (+6.2% relative)"
+
+
+def test_the_builds_table_uses_the_metrics_names(run_local, tmp_path):
+    config = write_config(tmp_path, {"cov": {"type": "numeric", "command": "echo 80", "name": "Line coverage"}})
+    assert run_local("--config", str(config), "--local-db", str(tmp_path / "m.db")).returncode == 0
+    page = (tmp_path / "unentropy-report" / "index.html").read_text()
+    assert "<th>Line coverage</th>" in page and "<th>cov</th>" not in page

@@ -100,7 +100,22 @@ def test_the_filters_narrow_charts_and_table(browser, report):
         assert visible and all(row.locator("td").nth(1).inner_text() == "feature/login" for row in visible)
         points = page.locator("svg.chart polyline").first.get_attribute("points").split()
         assert 0 < len(points) < BUILDS
+        card = page.locator("article.metric").first
+        # The headline, change, extremes, count, branch label and latest marker follow the filter.
+        assert card.locator(".stat-count").inner_text() == f"{len(points)} points"
+        assert page.locator("#tm-branch-label").inner_text() == "branch: feature/login"
+        assert "vs" in card.locator(".change").inner_text()
+        marker = card.locator("circle.latest")
+        last_x, last_y = points[-1].split(",")
+        assert (marker.get_attribute("cx"), marker.get_attribute("cy")) == (last_x, last_y)
+        values = page.evaluate("""() => { const d = JSON.parse(document.getElementById('tm-data').textContent);
+            const first = document.querySelector('svg.chart').getAttribute('data-metric'); const c = d.charts[first];
+            const ok = c.b.map((b, i) => i).filter(i => d.branches[d.builds[c.b[i]][2]] === 'feature/login');
+            return [c.v[ok[ok.length - 1]], Math.min(...ok.map(i => c.r[i]))]; }""")
+        assert card.locator(".latest-value").inner_text() == values[0]
         page.select_option("#tm-branch", "")
+        assert page.locator("#tm-branch-label").inner_text() == "branch: all branches"
+        assert card.locator(".stat-count").inner_text() == f"{BUILDS} points"
         page.fill("#tm-since", "2025-02-01")
         page.dispatch_event("#tm-since", "change")
         points = page.locator("svg.chart polyline").first.get_attribute("points").split()

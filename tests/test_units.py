@@ -51,7 +51,7 @@ def test_format_value(value, unit, expected):
 
 def test_format_change():
     assert tm.format_change(110, 100, "integer")[0] == "+10 (+10.0%)"
-    assert tm.format_change(90, 100, "percent")[0] == "−10% (−10.0%)"
+    assert tm.format_change(90, 100, "percent")[0] == "−10 pp (−10.0% relative)"
     assert tm.format_change(5, None, None)[0] == "first value"
 
 
