@@ -4482,7 +4482,7 @@ def check(params: ActionParameters, console: Console, as_json: bool) -> int:
         return EXIT_USAGE
     storage = S3Storage(params, console, uuid.uuid4().hex)
     rows = diagnose(storage)
-    rows.insert(0, ("credentials from", params.credentials.source, ""))
+    rows.insert(0, ("credentials", "ok", f"from {params.credentials.source}"))
     if as_json:
         document = [{"check": name, "status": status, "advice": advice} for name, status, advice in rows]
         sys.stdout.write(console.redact(json.dumps(document, indent=2)) + "\n")
@@ -4490,7 +4490,7 @@ def check(params: ActionParameters, console: Console, as_json: bool) -> int:
         width = max(len(name) for name, _, _ in rows)
         table = "\n".join(f"{name:<{width}}  {status:<7}  {advice}".rstrip() for name, status, advice in rows)
         sys.stdout.write(console.redact(f"{params.location}\n{table}") + "\n")
-    return EXIT_OK if all(status == "ok" for _, status, _ in rows[1:]) else EXIT_FAILED
+    return EXIT_OK if all(status == "ok" for _, status, _ in rows) else EXIT_FAILED
 
 
 def done_line(command: str, result: ActionResult) -> str:

@@ -135,7 +135,7 @@ def test_the_action_tracks_metrics_and_writes_outputs_and_summary(s3_server, buc
     steps, outputs, summary = run_action(tmp_path, given, github, env)
     assert steps[-1].returncode == 0, steps[-1].stderr
     assert outputs["total-builds"] == "2"
-    assert "| Coverage | 93% | 91.5% | +1.5% (+1.6%) |" in summary
+    assert "| Coverage | 93% | 91.5% | +1.5 pp (+1.6% relative) |" in summary
 
 
 def test_a_failing_action_run_reports_the_error_as_outputs_and_annotations(s3_server, tmp_path):

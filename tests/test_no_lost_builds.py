@@ -280,7 +280,7 @@ def test_a_metric_whose_type_changed_is_not_counted(run_cli, s3_server, bucket, 
     assert result.returncode == 0, result.output
     assert result.json()["metrics_collected"] == ["build-status"]
     assert "coverage" in result.json()["metrics_failed"]
-    assert "done: 1 metric recorded" in result.stderr
+    assert "done: 1 of 2 metrics recorded; failed: coverage" in result.stderr
 
 
 # -- 8. expected failures are errors with a code, never tracebacks -------------------------------
