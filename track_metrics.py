@@ -711,7 +711,7 @@ class ActionParameters:
     conditional_writes: bool = True
     on_corrupt: str = "fail"
     backup: bool = True
-    integrity: str = "full"
+    integrity: str = "auto"  # auto (the trust chain) | full | quick
     commit: str | None = None
     branch: str | None = None
     run_id: str | None = None
@@ -779,7 +779,7 @@ class ActionParameters:
             conditional_writes=not getattr(args, "no_conditional_writes", False),
             on_corrupt=on_corrupt[0] if on_corrupt else "fail",
             backup=not getattr(args, "no_backup", False),
-            integrity=getattr(args, "integrity", None) or "full",
+            integrity=getattr(args, "integrity", None) or "auto",
             commit=getattr(args, "commit", None), branch=getattr(args, "branch", None),
             run_id=getattr(args, "run_id", None), event=getattr(args, "event", None),
             run_number=int(run_number[0]) if run_number else None,
@@ -1341,13 +1341,15 @@ class S3Storage:
             raise
 
     def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str, size: int,
-              generation: int, successor_holds_build: Callable[[], bool]) -> UploadResult:
+              generation: int, successor_holds_build: Callable[[], bool], checked: str = "") -> UploadResult:
         """One streaming PUT from the file, conditional on the object we started from, and the
         proof that the object now holds this run's build."""
         check_upload_size(size)
         headers = {"Content-Length": str(size), "Content-MD5": md5, "Content-Type": CONTENT_TYPE,
                    "x-amz-meta-sha256": sha256, "x-amz-meta-tool-version": __version__,
                    "x-amz-meta-writer": self.writer, "x-amz-meta-generation": str(generation)}
+        if checked:  # the trust chain: the next run's download of these bytes needs only quick_check
+            headers["x-amz-meta-checked"] = checked
         if self.params.conditional_writes:
             headers["x-amz-meta-conditional-writes"] = self.verdict
             headers.update({"If-Match": require_etag(previous)} if previous else {"If-None-Match": "*"})
@@ -1565,7 +1567,7 @@ class LocalStorage:
         return DatabaseFile(self.key, size, iso(modified), sha256, None, sha256, self.location)
 
     def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str, size: int,
-              generation: int, successor_holds_build: Callable[[], bool]) -> UploadResult:
+              generation: int, successor_holds_build: Callable[[], bool], checked: str = "") -> UploadResult:
         current = file_digests(self.path)[0] if self.path.exists() else None
         if current != (previous.sha256 if previous else None):
             raise Conflict("the local database changed during the run")
@@ -1736,7 +1738,7 @@ class ArtifactStorage:
                                   f"{artifact['id']} (run {(artifact.get('workflow_run') or {}).get('id')}) had")
 
     def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str, size: int,
-              generation: int, successor_holds_build: Callable[[], bool]) -> UploadResult:
+              generation: int, successor_holds_build: Callable[[], bool], checked: str = "") -> UploadResult:
         """Leave the database at the artifact path; the workflow's upload step publishes it."""
         replace_file(path, self.path)
         self.landed = True
@@ -3699,7 +3701,7 @@ def gate_database(params: ActionParameters, console: Console, environ: Mapping[s
     if storage.fetch(target) is None:
         console.info(f"gate: {storage.location} does not exist yet: no baseline")
         return None
-    check_database(target, params.integrity)
+    check_database(target, "full" if params.integrity == "full" else "quick")  # read-only: quick suffices
     return target
 
 
@@ -3880,6 +3882,7 @@ class TrackingRun:
         self.build: BuildContext | None = None
         self.values: dict[str, Any] = {}
         self.recorded: dict[str, Any] = {}  # the values the database took
+        self.trusted = True  # the base was checked in full (or vouched for): the chain holds
         self.working = self.workspace / "working.db"
         self.command = "run"
         self.backup_allowed = False
@@ -4033,6 +4036,7 @@ class TrackingRun:
         nothing is replaced before the damaged object is kept aside and its readable rows
         are salvaged into the continued history."""
         self.backup_allowed = self.expected is not None
+        self.trusted = True  # a new database, a fully checked backup; damage() judges a download
         if self.expected is None:
             return self.new_database()
         damage = self.damage(downloaded)
@@ -4054,12 +4058,28 @@ class TrackingRun:
                              f"{keep}; carried over {count(salvaged, 'build')} still readable in it")
         return base
 
+    def vouched(self) -> bool:
+        """Whether this tool checked these very bytes in full before uploading them: the object's
+        metadata says so, and its SHA-256 (which the download verified) is theirs."""
+        metadata = self.expected.metadata if self.expected else {}
+        return metadata.get("checked") == "integrity" and metadata.get("sha256") == self.expected.sha256
+
+    def download_check(self) -> str:
+        """full or quick: a read-only command, or a vouched download, needs quick_check only."""
+        if self.params.integrity in ("full", "quick"):
+            return self.params.integrity
+        return "quick" if self.command != "run" or self.vouched() else "full"
+
     def damage(self, downloaded: Path) -> TrackMetricsError | None:
         """Why the downloaded object is damaged, confirmed by downloading it again; None when
         it is sound (then `downloaded` holds a sound copy)."""
         for attempt in range(DOWNLOAD_ATTEMPTS):
             try:
-                check_database(downloaded, self.params.integrity)
+                level = self.download_check()
+                check_database(downloaded, level)
+                self.trusted = level == "full" or self.vouched()
+                self.console.debug(f"  validate: {'integrity_check' if level == 'full' else 'quick_check'}"
+                                   f"{' (vouched by its SHA-256)' if self.vouched() and level == 'quick' else ''}")
                 return None
             except TrackMetricsError as exc:
                 if exc.code not in ("DB_NOT_SQLITE", "DB_CORRUPT") or not isinstance(self.storage, S3Storage):
@@ -4089,7 +4109,7 @@ class TrackingRun:
             if self.storage.fetch(target, key, version) is None:
                 continue
             try:
-                check_database(target, self.params.integrity)
+                check_database(target, "quick" if self.params.integrity == "quick" else "full")
             except TrackMetricsError:
                 continue
             label = f"version {version}" if version else f"s3://{self.storage.bucket}/{key}"
@@ -4157,7 +4177,8 @@ class TrackingRun:
                     if self.params.backup and self.backup_allowed:
                         self.storage.backup(self.expected)
                     uploaded = self.storage.store(self.working, self.expected, sha256, md5, size,
-                                                  self.generation, self.successor_holds_build)
+                                                  self.generation, self.successor_holds_build,
+                                                  "integrity" if self.trusted else "quick")
                     break
                 except Conflict:
                     self.conflict_pause(attempt, "upload: another run updated the database; adding "
@@ -4189,8 +4210,12 @@ class TrackingRun:
         connection = open_database(self.working)
         try:
             connection.execute("PRAGMA journal_mode=DELETE")
-            _, skipped = record_build(connection, self.build, self.config.metrics, self.values)
+            build_id, skipped = record_build(connection, self.build, self.config.metrics, self.values)
             self.generation = bump_generation(connection)
+            orphans = connection.execute(  # the foreign keys of what this run added, not the whole file's
+                "SELECT COUNT(*) FROM metric_values v LEFT JOIN metric_definitions d ON d.id = v.metric_id"
+                " LEFT JOIN build_contexts b ON b.id = v.build_id WHERE v.build_id = ? AND"
+                " (d.id IS NULL OR b.id IS NULL)", (build_id,)).fetchone()[0]
         except sqlite3.Error as exc:
             raise TrackMetricsError("DB_WRITE_FAILED", f"recording the build failed: {exc}; "
                                     f"{UNTOUCHED.replace(' (see --on-corrupt)', '')}") from exc
@@ -4205,8 +4230,12 @@ class TrackingRun:
             self.keep_workspace = False
             raise TrackMetricsError("COLLECT_NOTHING", "no collected value could be recorded (see "
                                     "the warnings above); nothing was uploaded", type="collection")
+        if orphans:
+            raise TrackMetricsError("DB_CORRUPT", f"{orphans} of this build's values lost their metric or "
+                                    "build row; nothing was uploaded")
         check_upload_size(self.working.stat().st_size)
-        return prepare_upload(self.working, self.params.integrity)
+        # A few inserts into a checked file: quick_check and the schema suffice, unless asked for more.
+        return prepare_upload(self.working, "full" if self.params.integrity == "full" else "quick")
 
     def report(self) -> None:
         with self.phase("report") as phase:
@@ -4382,7 +4411,9 @@ def build_parser() -> argparse.ArgumentParser:
         (("--allow-http",), {**flag, "help": "accept an http:// endpoint on a private network"}),
         (("--allow-endpoint-path",), {**flag, "help": "accept an endpoint with a path (a gateway served under "
                                                       "one); otherwise refused as a bucket written into it"}),
-        (("--integrity",), {"choices": ("full", "quick"), "help": "SQLite integrity_check (default) or quick_check"}),
+        (("--integrity",), {"choices": ("auto", "full", "quick"), "help": "auto (default): SQLite's full "
+                            "integrity_check only for a database this tool did not vouch for, quick_check otherwise; "
+                            "full: integrity_check on both sides; quick: quick_check only"}),
         (("--request-timeout",), {"metavar": "SECONDS", "help": "per-request timeout (default: 30)"}),
         (("--retry-attempts",), {"metavar": "N", "help": "attempts per storage request (default: 5)"}),
         (("--timeout",), {"metavar": "SECONDS", "help": "deadline for the whole run (default: 300)"}))

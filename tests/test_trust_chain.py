@@ -1,0 +1,76 @@
+"""The trust chain: bytes this tool checked in full and uploaded are checked quickly when they
+come back (their SHA-256 vouches for them); anything else gets SQLite's full integrity check."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from conftest import SIMPLE_METRICS, get_object, write_config
+
+KEY = "unentropy-metrics.db"
+
+
+def damage_an_index(data: bytes, tmp_path: Path) -> bytes:
+    """Garbage in one index's rows only: quick_check passes it, integrity_check does not."""
+    path = tmp_path / "index-damage.db"
+    path.write_bytes(data)
+    connection = sqlite3.connect(path)
+    root = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = 'idx_build_branch'").fetchone()[0]
+    page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+    connection.close()
+    damaged = bytearray(path.read_bytes())
+    page = damaged[(root - 1) * page_size:root * page_size]
+    # Swap the branch text of the index's first cell for another of the same length.
+    at = page.find(b"main")
+    assert at > 0
+    damaged[(root - 1) * page_size + at:(root - 1) * page_size + at + 4] = b"mbin"
+    return bytes(damaged)
+
+
+def test_a_vouched_object_is_checked_quickly_and_vouched_again(run_cli, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    first = run_cli.track(config, "--verbose")
+    assert first.returncode == 0
+    head = s3_server.client().head_object(Bucket=bucket, Key=KEY)
+    assert head["Metadata"]["checked"] == "integrity"
+    second = run_cli.track(config, "--verbose")
+    assert second.returncode == 0, second.output
+    assert "validate: quick_check (vouched by its SHA-256)" in second.stderr
+    full = run_cli.track(config, "--verbose", "--integrity", "full")
+    assert "validate: integrity_check" in full.stderr
+
+
+def test_a_damaged_page_in_a_vouched_object_is_stopped_by_its_sha256(run_cli, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_cli.track(config).returncode == 0
+    client = s3_server.client()
+    metadata = client.head_object(Bucket=bucket, Key=KEY)["Metadata"]
+    damaged = damage_an_index(get_object(s3_server, bucket, KEY), tmp_path)
+    client.put_object(Bucket=bucket, Key=KEY, Body=damaged, Metadata=metadata)  # the vouch, not these bytes'
+    result = run_cli.track(config, "--json")
+    assert result.returncode == 75
+    assert result.json()["error"]["code"] == "CHECKSUM_MISMATCH"
+    assert get_object(s3_server, bucket, KEY) == damaged
+
+
+def test_an_unvouched_damaged_object_is_caught_by_the_full_check(run_cli, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_cli.track(config).returncode == 0
+    damaged = damage_an_index(get_object(s3_server, bucket, KEY), tmp_path)
+    s3_server.client().put_object(Bucket=bucket, Key=KEY, Body=damaged)  # as another tool leaves it
+    result = run_cli.track(config, "--json")
+    assert result.returncode == 1, result.output
+    assert result.json()["error"]["code"] == "DB_CORRUPT"
+    assert get_object(s3_server, bucket, KEY) == damaged
+    quick = run_cli.track(config, "--json", "--integrity", "quick")  # what quick_check alone would let by
+    assert quick.returncode == 0
+
+
+def test_a_report_reads_with_the_checks_that_matter_for_reading(run_local, tmp_path):
+    database = tmp_path / "m.db"
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_local("--config", str(config), "--local-db", str(database), "--branch", "main").returncode == 0
+    database.write_bytes(damage_an_index(database.read_bytes(), tmp_path))
+    assert run_local("report", "--local-db", str(database)).returncode == 0  # header, quick_check, schema
+    strict = run_local("report", "--local-db", str(database), "--integrity", "full", "--json")
+    assert strict.returncode == 1 and strict.json()["error"]["code"] == "DB_CORRUPT"
