@@ -981,9 +981,11 @@ class Conflict(Exception):
 class S3Error(Exception):
     """An error answer from the storage: the S3 code from its XML body (or the HTTP status)."""
 
-    def __init__(self, status: int, code: str, message: str = ""):
+    def __init__(self, status: int, code: str, message: str = "", *, region: str = "",
+                 server_time: str = "", retry_after: float | None = None):
         super().__init__(f"{code or status}: {message}")
         self.status, self.code, self.message = status, code or str(status), message
+        self.region, self.server_time, self.retry_after = region, server_time, retry_after
 
     @property
     def retryable(self) -> bool:
@@ -993,7 +995,20 @@ class S3Error(Exception):
 AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
               "TokenRefreshRequired", "AuthorizationHeaderMalformed", "InvalidSecurity"}
 UNAVAILABLE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "Throttling",
-                     "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
+                     "ThrottlingException", "RequestTimeout"}
+# What each authentication failure means, from the answer's code (never "check everything").
+AUTH_MEANING = {
+    "SignatureDoesNotMatch": "the secret access key does not match the access key id (the signature "
+                             "did not verify): check the secret",
+    "InvalidAccessKeyId": "unknown access key id: the key does not exist at this endpoint (another "
+                          "provider's or account's key, or a deleted one)",
+    "ExpiredToken": "the session token has expired; refresh the credentials (a longer session, or "
+                    "the credential chain, which refreshes them)",
+    "TokenRefreshRequired": "the session token has expired; refresh the credentials",
+    "InvalidToken": "the session token is not valid for these keys (a stale or truncated token)",
+    "InvalidSecurity": "the credentials' security token is not valid",
+}
+REGION_ANSWERS = {"AuthorizationHeaderMalformed", "PermanentRedirect", "TemporaryRedirect", "301", "307"}
 PERMISSION_FOR = {"GetObject": "s3:GetObject", "HeadObject": "s3:GetObject",
                   "PutObject": "s3:PutObject",
                   "CopyObject": "s3:GetObject and s3:PutObject (the backup copy; --no-backup skips it)",
@@ -1011,11 +1026,17 @@ def s3_error(exc: Exception, action: str, target: str) -> TrackMetricsError:
             "machine", retryable=True, details=details)
     code, status = exc.code, exc.status
     details.update(s3_code=code, http_status=status)
-    if code in AUTH_CODES:
+    if code == "RequestTimeTooSkewed":
+        return TrackMetricsError("S3_CLOCK_SKEWED", f"{action} {target}: {clock_skew(exc)}; fix this "
+                                 "machine's time (NTP): retrying cannot", details=details)
+    if code in REGION_ANSWERS or (exc.region and code in ("AuthorizationHeaderMalformed", "400")):
+        region = exc.region or "another region"
         return TrackMetricsError(
-            "S3_AUTH_FAILED", f"{action} {target}: the storage rejected the credentials ({code}); "
-            "check the access key id and secret access key (and session token, if temporary), "
-            "and that they belong to this endpoint and region", details=details)
+            "S3_WRONG_REGION", f"{action} {target}: the bucket is in {region}, and the request was "
+            f"signed for another ({code}); pass --region {region} (input s3-region)", details=details)
+    if code in AUTH_CODES:
+        meaning = AUTH_MEANING.get(code, "the storage rejected the credentials")
+        return TrackMetricsError("S3_AUTH_FAILED", f"{action} {target}: {meaning} ({code})", details=details)
     if code == "NoSuchBucket":
         return TrackMetricsError(
             "S3_BUCKET_NOT_FOUND", f"{action} {target}: the bucket does not exist (NoSuchBucket); "
@@ -1032,6 +1053,17 @@ def s3_error(exc: Exception, action: str, target: str) -> TrackMetricsError:
             "S3_UNAVAILABLE", f"{action} {target}: the storage is unavailable ({code}) after "
             "retries; try again later", retryable=True, details=details)
     return TrackMetricsError("S3_ERROR", f"{action} {target}: {code}: {exc.message}", details=details)
+
+
+def clock_skew(error: S3Error) -> str:
+    """How far this machine's clock is from the storage's, from the answer's <ServerTime>."""
+    try:
+        server = dt.datetime.fromisoformat(error.server_time.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return "this machine's clock differs too much from the storage's (RequestTimeTooSkewed)"
+    offset = time.time() - server
+    size = f"about {round(abs(offset) / 60)} min" if abs(offset) >= 90 else f"{abs(offset):.0f} s"
+    return f"this machine's clock is {'ahead of' if offset > 0 else 'behind'} the storage's by {size}"
 
 
 def check_upload_size(size: int) -> None:
@@ -1078,7 +1110,8 @@ class S3Client:
     exponential backoff, up to `attempts` times (the same policy as botocore's standard mode).
     No checksum headers beyond Content-MD5 are sent: several providers reject them."""
 
-    def __init__(self, params: ActionParameters, environ: Mapping[str, str]):
+    def __init__(self, params: ActionParameters, environ: Mapping[str, str],
+                 warn: Callable[[str], None] = lambda message: None):
         import http.client  # here, not at the top: runs without S3 never need it
         from urllib.parse import urlsplit
         try:
@@ -1099,6 +1132,8 @@ class S3Client:
             credentials.access_key_id, credentials.secret_access_key, credentials.session_token),
             "s3", params.s3.region)
         self.bucket = params.s3.bucket
+        self.region, self.redirected, self.warn = params.s3.region, False, warn
+        self.aws, self.credential_source = params.s3.endpoint is None, credentials.source
         endpoint = urlsplit(params.s3.endpoint or f"https://s3.{params.s3.region}.amazonaws.com")
         self.scheme, self.netloc = endpoint.scheme, endpoint.netloc
         self.base_path = endpoint.path.rstrip("/")
@@ -1127,8 +1162,10 @@ class S3Client:
              ) -> http.client.HTTPResponse | tuple[int, dict, bytes]:
         """One request with retries. A 2xx answer comes back as (status, headers, body), or as
         the open response when `stream`; anything else raises S3Error or a network error."""
-        host, target = self.url(key, query)
-        for attempt in range(1, self.attempts + 1):
+        attempt, refreshed = 0, False
+        while True:
+            attempt += 1
+            host, target = self.url(key, query)
             if hasattr(body, "seek"):
                 body.seek(0)
             try:
@@ -1137,16 +1174,51 @@ class S3Client:
                     if stream:
                         return response
                     return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-                error = parse_error(response.status, response.read())
+                error = parse_error(response.status, response.read(), dict(response.getheaders()))
             except self.errors as exc:
                 self.close()
-                if attempt == self.attempts or isinstance(exc, socket.gaierror):
+                if attempt >= self.attempts or isinstance(exc, socket.gaierror):
                     raise  # a name that does not resolve will not resolve on a retry either
-            else:
-                if not error.retryable or attempt == self.attempts:
-                    raise error
-            time.sleep(random.uniform(0, min(5.0, 0.1 * 2 ** attempt)))
-        raise AssertionError("unreachable")
+                time.sleep(random.uniform(0, min(5.0, 0.1 * 2 ** attempt)))
+                continue
+            if self.follow_region(error):  # as botocore's redirector: re-sign for it, once
+                continue
+            if error.code in ("ExpiredToken", "TokenRefreshRequired") and not refreshed and self.refresh():
+                refreshed = True
+                continue
+            if not error.retryable or attempt >= self.attempts:
+                raise error
+            pause = error.retry_after if error.retry_after is not None else random.uniform(0, min(5.0, 0.1 * 2 ** attempt))
+            time.sleep(min(pause, 60.0))  # the run's deadline (SIGALRM) still bounds it
+
+    def follow_region(self, error: S3Error) -> bool:
+        """A bucket in another region (AuthorizationHeaderMalformed with <Region>, 301 or 307 with
+        x-amz-bucket-region): sign for that region from now on, and on AWS use its regional host.
+        A custom endpoint keeps its host: the tool never moves to another one unasked."""
+        if self.redirected or not error.region or error.region == self.region \
+                or error.code not in REGION_ANSWERS | {"400"}:
+            return False
+        old, self.region, self.redirected = self.region, error.region, True
+        self.signer._region_name = error.region
+        if self.aws:
+            self.netloc = f"s3.{error.region}.amazonaws.com"
+            self.close()
+        self.warn(f"the bucket is in {error.region}, not {old}: this run follows it; pass --region "
+                  f"{error.region} (input s3-region) to save the extra request"
+                  + ("" if self.aws else " (the endpoint's host is kept)"))
+        return True
+
+    def refresh(self) -> bool:
+        """New credentials from the chain that supplied the expired ones (never for given keys)."""
+        if self.credential_source == "explicit":
+            return False
+        fresh = credential_chain()
+        if fresh is None:
+            return False
+        self.signer.credentials = fresh.provider
+        self.warn("the session token had expired; refreshed the credentials from "
+                  f"{fresh.source} and retried")
+        return True
 
     def _send_once(self, method: str, host: str, target: str, headers: dict, body: Any,
                    body_sha256: str | None):
@@ -1213,20 +1285,34 @@ def body_length(body: Any) -> int:
     return len(body)
 
 
-def parse_error(status: int, body: bytes) -> S3Error:
-    """The Code and Message of an S3 XML error body (HEAD answers have none: the status stands)."""
-    code = message = ""
+def parse_error(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> S3Error:
+    """The Code and Message of an S3 XML error body (HEAD answers have none: the status stands),
+    with what a few answers add: the bucket's region, the server's time, a Retry-After."""
+    code = message = region = server_time = ""
+    headers = {k.lower(): v for k, v in (headers or {}).items()}
     if body:
         import xml.etree.ElementTree as ElementTree
         try:
             root = ElementTree.fromstring(body)
             code, message = root.findtext("Code") or "", root.findtext("Message") or ""
+            region, server_time = root.findtext("Region") or "", root.findtext("ServerTime") or ""
         except ElementTree.ParseError:
             message = body[:200].decode("utf-8", "replace")
     if not code:
         code = {403: "AccessDenied", 404: "NotFound", 409: "ConditionalRequestConflict",
                 412: "PreconditionFailed"}.get(status, str(status))
-    return S3Error(status, code, message)
+    retry_after = headers.get("retry-after", "")
+    return S3Error(status, code, message, region=region or headers.get("x-amz-bucket-region", ""),
+                   server_time=server_time or iso_from_http_date(headers.get("date", "")),
+                   retry_after=float(retry_after) if re.fullmatch(r"\d+(\.\d+)?", retry_after) else None)
+
+
+def iso_from_http_date(value: str) -> str:
+    from email.utils import parsedate_to_datetime
+    try:
+        return parsedate_to_datetime(value).isoformat() if value else ""
+    except (TypeError, ValueError):
+        return ""
 
 
 WRONG_PRECONDITIONS = (("If-None-Match: * on an existing object", {"If-None-Match": "*"}),
@@ -1244,7 +1330,7 @@ class S3Storage:
         self.location = params.location
         self.console = console
         self.writer = writer
-        self.http = S3Client(params, os.environ if environ is None else environ)
+        self.http = S3Client(params, os.environ if environ is None else environ, console.warning)
         self._etag_mismatch: str | None = None  # SHA-256 of a download its ETag did not match
         self.landed = False  # the storage accepted this run's upload
 

@@ -33,13 +33,16 @@ class Rule:
     path: str  # a regular expression searched in the request path (with query)
     # status | reset_request | reset_after_forward | truncate | flip (the answer's body) |
     # flip_request (the request's body) | swallow (answer 200, store nothing) | drop_etag |
-    # stall | ignore_conditions | sign_sts
+    # stall | ignore_conditions | sign_sts | wrong_region
     action: str
     count: int = 1  # how many matching requests it applies to; -1 for all
     status: int = 503
     code: str = "SlowDown"
     delay: float = 0.0
     offset: int | None = None  # the byte `flip` changes (negative: from the end); None: the middle
+    region: str = ""  # `wrong_region`: the bucket's region; requests signed for another are refused
+    body: str = ""  # `status`: extra XML inside <Error> (e.g. <ServerTime>…</ServerTime>)
+    headers: tuple = ()  # `status`: extra answer headers, as (name, value) pairs
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -158,10 +161,22 @@ class FaultProxy:
         if rule and rule.action == "swallow":  # a broken storage: success, and nothing stored
             self._record(lower.get("host", ""), method, path, 200, "swallow")
             return self._respond(sock, 200, [("ETag", f'"{hashlib.md5(body).hexdigest()}"')], b"")
+        if rule and rule.action == "wrong_region":  # as AWS answers a request signed for another region
+            signed_for = re.search(r"Credential=[^/]+/\d+/([^/]+)/", lower.get("authorization", ""))
+            if signed_for and signed_for.group(1) != rule.region:
+                self._record(lower.get("host", ""), method, path, rule.status, f"wrong region {signed_for.group(1)}")
+                extra = {"AuthorizationHeaderMalformed": f"<Region>{rule.region}</Region>",
+                         "PermanentRedirect": f"<Endpoint>s3.{rule.region}.amazonaws.com</Endpoint>",
+                         "TemporaryRedirect": f"<Endpoint>s3.{rule.region}.amazonaws.com</Endpoint>"}[rule.code]
+                payload = b"" if method == "HEAD" else ERROR_BODY.format(code=rule.code).replace(
+                    "</Error>", extra + "</Error>").encode()
+                return self._respond(sock, rule.status, [("Content-Type", "application/xml"),
+                                                         ("x-amz-bucket-region", rule.region)], payload)
         if rule and rule.action == "status":
             self._record(lower.get("host", ""), method, path, rule.status, f"status {rule.status}")
-            payload = b"" if method == "HEAD" else ERROR_BODY.format(code=rule.code).encode()
-            return self._respond(sock, rule.status, [("Content-Type", "application/xml")], payload)
+            payload = b"" if method == "HEAD" else ERROR_BODY.format(code=rule.code).replace(
+                "</Error>", rule.body + "</Error>").encode()
+            return self._respond(sock, rule.status, [("Content-Type", "application/xml"), *rule.headers], payload)
         if rule and rule.action == "stall":
             time.sleep(rule.delay)
         headers = [(n, v) for n, v in headers if n.lower() not in ("expect", "connection", "proxy-connection")]
