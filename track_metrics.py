@@ -35,7 +35,9 @@ Error codes (``WorkflowError.code``):
     CONFIG_SECRET_IN_FILE   a credential was found in the configuration file
     PARAM_MISSING           a required parameter (bucket, credentials) was not given
     PARAM_INVALID           a parameter has a bad value
-    S3_AUTH_FAILED          the credentials were rejected (unknown key, bad secret, expired)
+    S3_AUTH_FAILED          the credentials were rejected (which way: bad secret, unknown key, expired token)
+    S3_WRONG_REGION         the bucket is in another region (pass --region)
+    S3_CLOCK_SKEWED         this machine's clock is too far from the storage's
     S3_ACCESS_DENIED        the credentials lack a permission (s3:GetObject, s3:PutObject)
     S3_BUCKET_NOT_FOUND     the bucket does not exist
     S3_NETWORK              connection refused or reset, DNS, TLS, timeouts (retryable)
@@ -4403,6 +4405,20 @@ def run(params: ActionParameters, config: Config, console: Console | None = None
         return tracking.result
 
 
+def bucket_region(storage: S3Storage) -> str:
+    """The bucket's region as the storage says it (x-amz-bucket-region), beside the configured one."""
+    configured = storage.params.s3.region
+    region = storage.http.region  # already the bucket's, when an answer redirected this run
+    if not storage.http.redirected:
+        try:
+            region = storage._call("HeadBucket", "HEAD", "")[1].get("x-amz-bucket-region") or region
+        except TrackMetricsError:
+            pass
+    if region == configured:
+        return region
+    return f"{region}; the configuration says {configured}: pass --region {region}"
+
+
 def diagnose(storage: S3Storage) -> list[tuple[str, str, str]]:
     """`check`: each capability the tool needs, as (check, "ok"/"FAILED"/"skipped", advice)."""
     rows: list[tuple[str, str, str]] = []
@@ -4422,6 +4438,7 @@ def diagnose(storage: S3Storage) -> list[tuple[str, str, str]]:
             rows.extend((name, "ok", "") for name in names[:stage])
             return fail(names[stage], error.message)
     rows.extend((name, "ok", "") for name in names[:4])
+    rows.append(("bucket region", "ok", bucket_region(storage)))
     try:
         storage.put_probe()
     except TrackMetricsError as exc:

@@ -13,7 +13,7 @@ def test_check_passes_on_a_good_setup_and_leaves_nothing(run_cli, s3_server, buc
     result = run_cli("check", *run_cli.s3_args(), "--json")
     assert result.returncode == 0, result.output
     assert set(statuses(result).values()) == {"ok"}
-    assert len(result.json()) == 8  # where the credentials came from, then seven checks
+    assert len(result.json()) == 9  # where the credentials came from, seven checks and the bucket region
     assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
     table = run_cli("check", *run_cli.s3_args())
     assert "conditional writes honoured" in table.stdout and "ok" in table.stdout

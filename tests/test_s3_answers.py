@@ -81,3 +81,12 @@ def test_an_expired_token_from_the_credential_chain_is_refreshed_once(run_cli, p
     assert result.returncode == 0, result.output
     assert "refreshed the credentials" in result.stderr
     assert len(proxy.requests("GET", DB)) == 2
+
+
+def test_check_reports_the_buckets_region_beside_the_configured_one(run_cli, proxy, tmp_path):
+    proxy.add(Rule("*", r".", "wrong_region", count=-1, status=400, code="AuthorizationHeaderMalformed",
+                   region="eu-west-1"))
+    result = run_cli("check", *run_cli.s3_args(proxy.endpoint))
+    assert result.returncode == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if line.startswith("bucket region"))
+    assert "eu-west-1; the configuration says us-east-1: pass --region eu-west-1" in line
