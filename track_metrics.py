@@ -1689,6 +1689,18 @@ def replace_file(source: Path, target: Path) -> None:
             os.close(folder)
 
 
+def github_request(url: str, token: str, method: str = "GET", body: dict | None = None):
+    """One GitHub REST API request. The token is an unredirected header: it never follows a
+    redirect to another host (an artifact's /zip answer sends the download to blob storage)."""
+    import urllib.request
+    request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Accept": "application/vnd.github+json",
+                                              "X-GitHub-Api-Version": "2022-11-28", "Content-Type": "application/json",
+                                              "User-Agent": f"track_metrics/{__version__}"})
+    request.add_unredirected_header("Authorization", f"Bearer {token}")
+    return urllib.request.urlopen(request, timeout=60)
+
+
 class ArtifactStorage:
     """History kept as GitHub Actions artifacts (Unentropy's default `sqlite-artifact`): the
     newest non-expired artifact of that name on the branch is downloaded, the builds of the
@@ -1723,14 +1735,6 @@ class ArtifactStorage:
         self.landed = False
         self.source_run_id: str | None = None
 
-    def _request(self, url: str, accept: str = "application/vnd.github+json"):
-        import urllib.request
-        request = urllib.request.Request(url, headers={"Accept": accept, "X-GitHub-Api-Version": "2022-11-28",
-                                                       "User-Agent": f"track_metrics/{__version__}"})
-        # Unredirected: the token never follows the /zip redirect to blob storage on another host.
-        request.add_unredirected_header("Authorization", f"Bearer {self.token}")
-        return urllib.request.urlopen(request, timeout=60)
-
     def _api_error(self, exc: Exception, what: str) -> TrackMetricsError:
         import urllib.error
         if isinstance(exc, urllib.error.HTTPError):
@@ -1748,7 +1752,7 @@ class ArtifactStorage:
             url = (f"{self.api}/repos/{self.repository}/actions/artifacts?name={quote(self.name, safe='')}"
                    f"&per_page=100&page={page}")
             try:
-                with self._request(url) as response:
+                with github_request(url, self.token) as response:
                     data = json.load(response)
             except Exception as exc:  # HTTP, network or JSON: never "no history yet"
                 raise self._api_error(exc, f"listing the artifacts of {self.repository}") from None
@@ -1766,8 +1770,8 @@ class ArtifactStorage:
         import zipfile
         archive = self.workspace / f"artifact-{artifact['id']}.zip"
         try:
-            with self._request(f"{self.api}/repos/{self.repository}/actions/artifacts/{artifact['id']}/zip",
-                               "application/vnd.github+json") as response, open(archive, "wb") as handle:
+            with github_request(f"{self.api}/repos/{self.repository}/actions/artifacts/{artifact['id']}/zip",
+                                self.token) as response, open(archive, "wb") as handle:
                 shutil.copyfileobj(response, handle, CHUNK_SIZE)
         except Exception as exc:
             raise self._api_error(exc, f"downloading artifact {artifact['id']}") from None
@@ -3691,14 +3695,7 @@ class PullRequestComments:
         self.token = environ["GITHUB_TOKEN"]
 
     def _call(self, method: str, url: str, body: dict | None = None) -> Any:
-        import urllib.request
-        request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Accept": "application/vnd.github+json",
-                                                  "X-GitHub-Api-Version": "2022-11-28",
-                                                  "Content-Type": "application/json",
-                                                  "User-Agent": f"track_metrics/{__version__}"})
-        request.add_unredirected_header("Authorization", f"Bearer {self.token}")
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with github_request(url, self.token, method, body) as response:
             return json.load(response)
 
     def upsert(self, marker: str, body: str) -> str:
