@@ -3772,7 +3772,7 @@ def gate_values(settings: GateSettings, params: ActionParameters, config: Config
     return {outcome.id: outcome.value for outcome in outcomes if outcome.ok}
 
 
-def gate_database(params: ActionParameters, console: Console, environ: Mapping[str, str],
+def read_database(params: ActionParameters, console: Console, environ: Mapping[str, str],
                   workspace: Path, branch: str) -> Path | None:
     """The stored database, downloaded read-only (never created, never uploaded)."""
     target = workspace / "gate.db"
@@ -3813,7 +3813,7 @@ def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: 
             path = None
             if not note:
                 try:
-                    path = gate_database(params, console, environ, workspace, settings.branch)
+                    path = read_database(params, console, environ, workspace, settings.branch)
                 except TrackMetricsError as exc:
                     if settings.mode == "hard" and exc.code not in ("S3_ACCESS_DENIED", "S3_AUTH_FAILED"):
                         raise
@@ -3887,6 +3887,201 @@ def post_gate_comment(settings: GateSettings, body: str, environ: Mapping[str, s
 
 
 # ============================================================================================
+# History in and out: import, export
+# ============================================================================================
+
+IMPORT_FIELDS = {"metric_id", "timestamp", "value_numeric", "value_label", "commit_sha", "branch", "source",
+                 "run_id", "run_number", "metadata"}
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class ImportRecord:
+    """One value of Unentropy's canonical import format, its build resolved."""
+    metric_id: str
+    timestamp: str
+    value: Any  # float for value_numeric, str for value_label
+    commit_sha: str
+    branch: str
+    run_id: str
+    run_number: int
+    unit: str | None = None
+
+    @property
+    def type(self) -> str:
+        return "label" if isinstance(self.value, str) else "numeric"
+
+
+def canonical_problem(record: Any) -> str | None:
+    """Why a canonical record (a parsed JSONL line) is refused, or None; strict as Unentropy's."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type_name(record)}"
+    unknown = sorted(set(record) - IMPORT_FIELDS)
+    if unknown:
+        return f"unknown field {unknown[0]!r} (accepted: {', '.join(sorted(IMPORT_FIELDS))})"
+    if not isinstance(record.get("metric_id"), str) or not METRIC_ID.fullmatch(record["metric_id"]):
+        return f"metric_id {show(record.get('metric_id'))} must be 1-64 of a-z, 0-9, '-'"
+    try:
+        moment = dt.datetime.fromisoformat(str(record.get("timestamp", "")).replace("Z", "+00:00"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        return f"timestamp {show(record.get('timestamp'))} must be ISO 8601 with an offset (…Z or …+02:00)"
+    numeric, label = record.get("value_numeric"), record.get("value_label")
+    if (numeric is None) == (label is None):
+        return "exactly one of value_numeric or value_label must be set"
+    if numeric is not None and not _number(numeric):
+        return f"value_numeric {show(numeric)} must be a finite number"
+    if label is not None and (not isinstance(label, str) or len(label) > 256):
+        return "value_label must be a string of at most 256 characters"
+    if "commit_sha" in record and (not isinstance(record["commit_sha"], str) or not COMMIT.fullmatch(record["commit_sha"])):
+        return f"commit_sha {show(record['commit_sha'])} must be 40 lowercase hex characters"
+    for name, limit in (("branch", 255), ("source", 64), ("run_id", 64)):
+        if name in record and (not isinstance(record[name], str) or not 1 <= len(record[name]) <= limit):
+            return f"{name} must be a string of 1 to {limit} characters"
+    if "run_number" in record and not (_whole(record["run_number"]) and record["run_number"] >= 0):
+        return "run_number must be a whole number, 0 or more"
+    if "metadata" in record and not isinstance(record["metadata"], dict):
+        return "metadata must be an object"
+    return None
+
+
+def import_lines(text: str, fmt: str) -> Iterator[tuple[int, Any]]:
+    """(line number, canonical record or a problem string) for each record of the file."""
+    if fmt == "jsonl":
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except ValueError as exc:
+                    yield number, f"not JSON: {exc}"
+    elif fmt == "csv":
+        import csv
+        import io
+        rows = csv.DictReader(io.StringIO(text, newline=""))
+        for row in rows:
+            record: dict[str, Any] = {k: v for k, v in row.items() if k is not None and v not in ("", None)}
+            try:
+                if "value_numeric" in record:
+                    record["value_numeric"] = float(record["value_numeric"])
+                if "run_number" in record:
+                    record["run_number"] = int(record["run_number"])
+            except ValueError as exc:
+                yield rows.line_num, f"{exc}"
+                continue
+            yield rows.line_num, record
+    else:  # benchmark-action: window.BENCHMARK_DATA = {...} (data.js) or the same JSON
+        try:
+            data = json.loads(re.sub(r"^\s*window\.BENCHMARK_DATA\s*=\s*", "", text.strip()).rstrip(";"))
+            suites = data["entries"]
+        except (ValueError, KeyError, TypeError) as exc:
+            yield 1, f"not github-action-benchmark data: {exc}"
+            return
+        number = 0
+        for entries in suites.values():
+            for entry in entries:
+                commit = entry.get("commit") or {}
+                moment = commit.get("timestamp") or iso(dt.datetime.fromtimestamp((entry.get("date") or 0) / 1000, dt.timezone.utc))
+                for bench in entry.get("benches") or []:
+                    number += 1
+                    yield number, {"metric_id": slug(str(bench.get("name", ""))), "timestamp": moment,
+                                   "value_numeric": bench.get("value"), "commit_sha": str(commit.get("id", "")).lower(),
+                                   "source": "benchmark-action", "metadata": {"unit": bench.get("unit")}}
+
+
+def slug(name: str) -> str:
+    """A benchmark's name as a metric id."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", name.lower())).strip("-")[:64] or "benchmark"
+
+
+def resolve_imports(text: str, fmt: str, trend_branch: str, workdir: Path, strict: bool
+                    ) -> tuple[list[ImportRecord], list[tuple[int, str]]]:
+    """The file's records with their builds resolved, and each refused line's number and reason.
+    A record without a commit takes the trend branch's last commit at its time (`git log`)."""
+    records, problems, nearest = [], [], {}
+    for number, record in import_lines(text, fmt):
+        why = record if isinstance(record, str) else canonical_problem(record)
+        commit = None if why else record.get("commit_sha")
+        if not why and not commit:
+            stamp = record["timestamp"]
+            if stamp not in nearest:
+                nearest[stamp] = git(["log", "-1", "--format=%H", f"--before={stamp}", trend_branch], workdir)
+            commit = nearest[stamp]
+            why = None if commit else f"no commit of {trend_branch} at or before {stamp} (a shallow clone?)"
+        if why:
+            problems.append((number, why))
+            if strict:
+                break
+            continue
+        source = record.get("source", "manual")
+        unit = (record.get("metadata") or {}).get("unit")
+        value = record["value_numeric"] if record.get("value_numeric") is not None else record["value_label"]
+        records.append(ImportRecord(record["metric_id"], record["timestamp"],
+                                    float(value) if not isinstance(value, str) else value, commit,
+                                    record.get("branch", trend_branch),
+                                    record.get("run_id", f"import:{source}:{commit[:12]}"),
+                                    record.get("run_number", 0), str(unit)[:32] if unit else None))
+    return records, problems
+
+
+def apply_imports(connection: sqlite3.Connection, records: Sequence[ImportRecord]) -> tuple[int, list[str]]:
+    """Add the records as `import` builds, grouped by (commit, run id); an existing value is
+    left as it is (importing the same file twice adds nothing). Returns (values added, refusals)."""
+    ensure_schema(connection)
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        types = dict(connection.execute("SELECT id, type FROM metric_definitions"))
+        added, refused = 0, []
+        for record in records:
+            if types.setdefault(record.metric_id, record.type) != record.type:
+                refused.append(f"{record.metric_id}: a {record.type} value for a {types[record.metric_id]} metric")
+                continue
+            connection.execute("INSERT INTO metric_definitions (id, type, unit) VALUES (?, ?, ?) ON CONFLICT (id)"
+                               " DO NOTHING", (record.metric_id, record.type, record.unit))
+            connection.execute(
+                "INSERT INTO build_contexts (commit_sha, branch, run_id, run_number, event_name, timestamp)"
+                " VALUES (?, ?, ?, ?, 'import', ?) ON CONFLICT (commit_sha, run_id) DO NOTHING",
+                (record.commit_sha, record.branch, record.run_id, record.run_number, record.timestamp))
+            build_id = connection.execute("SELECT id FROM build_contexts WHERE commit_sha = ? AND run_id = ?",
+                                          (record.commit_sha, record.run_id)).fetchone()[0]
+            numeric, label = (None, record.value) if record.type == "label" else (record.value, None)
+            added += connection.execute(
+                "INSERT INTO metric_values (metric_id, build_id, value_numeric, value_label) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (metric_id, build_id) DO NOTHING", (record.metric_id, build_id, numeric, label)).rowcount
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return added, refused
+
+
+def export_history(connection: sqlite3.Connection, fmt: str, metric: str | None, branch: str | None,
+                   since: str | None) -> Iterator[str]:
+    """The history as canonical JSONL (one value a line; `import` reads it back) or CSV."""
+    query = ("SELECT v.metric_id, b.timestamp, v.value_numeric, v.value_label, b.commit_sha, b.branch, b.run_id,"
+             " b.run_number FROM metric_values v JOIN build_contexts b ON b.id = v.build_id WHERE 1 = 1")
+    arguments: list[Any] = []
+    for clause, value in ((" AND v.metric_id = ?", metric), (" AND b.branch = ?", branch), (" AND b.timestamp >= ?", since)):
+        if value:
+            query, arguments = query + clause, arguments + [value]
+    columns = ("metric_id", "timestamp", "value_numeric", "value_label", "commit_sha", "branch", "run_id", "run_number")
+    if fmt == "csv":
+        yield ",".join(columns) + "\n"
+    for row in connection.execute(query + " ORDER BY b.timestamp, b.id, v.metric_id", arguments):
+        record = {name: value for name, value in zip(columns, row) if value is not None}
+        if not COMMIT.fullmatch(str(record.get("commit_sha", ""))):
+            record.pop("commit_sha", None)  # "unknown" and the like: import resolves it by time
+        if fmt == "csv":
+            import csv
+            import io
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerow([record.get(name, "") for name in columns])
+            yield buffer.getvalue()
+        else:
+            yield json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+# ============================================================================================
 # Workflow
 # ============================================================================================
 
@@ -3906,7 +4101,7 @@ class WorkflowError:
 
     @property
     def exit_code(self) -> int:
-        if self.code.startswith(("CONFIG_", "PARAM_")) or self.code == "DEPENDENCY_MISSING":
+        if self.code.startswith(("CONFIG_", "PARAM_")) or self.code in ("DEPENDENCY_MISSING", "IMPORT_INVALID"):
             return EXIT_USAGE
         return EXIT_RETRYABLE if self.retryable else EXIT_FAILED
 
@@ -3967,6 +4162,8 @@ class TrackingRun:
         self.build: BuildContext | None = None
         self.values: dict[str, Any] = {}
         self.recorded: dict[str, Any] = {}  # the values the database took
+        self.importing: ImportRequest | None = None
+        self.imports: list[ImportRecord] = []
         self.trusted = True  # the base was checked in full (or vouched for): the chain holds
         self.working = self.workspace / "working.db"
         self.command = "run"
@@ -3999,9 +4196,12 @@ class TrackingRun:
         try:
             self.download()
             self.validate()
-            if command == "run":
-                self.collect()
-                self.upload()
+            if command in ("run", "import"):
+                self.collect() if command == "run" else self.read_import()
+                if not (command == "import" and self.importing.dry_run):
+                    self.upload()
+                else:
+                    self.working = self.base
             else:
                 self.working = self.base
             if self.params.report:
@@ -4214,6 +4414,39 @@ class TrackingRun:
             connection.close()
         return path
 
+    def read_import(self) -> None:
+        """`import`: the file's records, each refused line reported with its number."""
+        request = self.importing
+        with self.phase("collect") as phase:
+            try:
+                text = Path(request.file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TrackMetricsError("IMPORT_INVALID", f"cannot read {request.file}: {exc}", type="validation")
+            self.imports, problems = resolve_imports(text, request.format, request.trend_branch,
+                                                     self.params.workdir, request.strict)
+            for number, why in problems:
+                self.console.warning(f"{request.file}:{number}: {why}")
+            if problems and request.strict:
+                raise TrackMetricsError("IMPORT_INVALID", f"{request.file}:{problems[0][0]}: {problems[0][1]} "
+                                        "(--strict: nothing was imported)", type="validation")
+            if not self.imports:
+                raise TrackMetricsError("IMPORT_INVALID", f"{request.file} holds no valid record; nothing "
+                                        "was imported", type="validation")
+            builds = {(r.commit_sha, r.run_id) for r in self.imports}
+            phase.metadata.update(records=len(self.imports), builds=len(builds), refused=len(problems))
+            self.result.metrics_collected = sorted({r.metric_id for r in self.imports})
+            self.console.info(f"import: {count(len(self.imports), 'value')} in {count(len(builds), 'build')} "
+                              f"from {request.file}" + (f"; {count(len(problems), 'line')} refused" if problems else ""))
+            if request.dry_run:
+                trial = self.workspace / "dry-run.db"
+                shutil.copyfile(self.base, trial)
+                connection = open_database(trial)
+                try:
+                    added, refused = apply_imports(connection, self.imports)  # on a copy of the copy
+                finally:
+                    connection.close()
+                self.console.info(f"import (dry run): would add {count(added, 'value')}; nothing was uploaded")
+
     def collect(self) -> None:
         with self.phase("collect") as phase:
             self.build = detect_build(self.environ, self.params, now_utc(),
@@ -4279,11 +4512,15 @@ class TrackingRun:
                               f"{count(self.result.total_builds, 'build')}")
 
     def successor_holds_build(self) -> bool:
-        """Whether the object another writer put after ours holds this run's build."""
+        """Whether the object another writer put after ours holds this run's build (or imports)."""
         successor = self.workspace / "successor.db"
         try:
-            return self.storage.fetch(successor) is not None and \
-                holds_build(successor, self.build, self.recorded)
+            if self.storage.fetch(successor) is None:
+                return False
+            if self.command == "import":
+                return all(holds_build(successor, BuildContext(r.commit_sha, r.branch, r.run_id, None, None, ""),
+                                       {r.metric_id: r.value}) for r in self.imports)
+            return holds_build(successor, self.build, self.recorded)
         finally:
             successor.unlink(missing_ok=True)
 
@@ -4293,6 +4530,17 @@ class TrackingRun:
         os.replace(self.base, self.working)
         self.keep_workspace = True  # from here on the collected data exists only locally
         connection = open_database(self.working)
+        if self.command == "import":
+            try:
+                connection.execute("PRAGMA journal_mode=DELETE")
+                added, refused = apply_imports(connection, self.imports)
+                self.generation = bump_generation(connection)
+            finally:
+                connection.close()
+            for why in refused:
+                self.console.warning(f"import: not recorded: {why}")
+            self.console.info(f"import: {count(added, 'new value')} added")
+            return prepare_upload(self.working, "full" if self.params.integrity == "full" else "quick")
         try:
             connection.execute("PRAGMA journal_mode=DELETE")
             build_id, skipped = record_build(connection, self.build, self.config.metrics, self.values)
@@ -4364,6 +4612,15 @@ class TrackingRun:
         shutil.rmtree(self.workspace, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class ImportRequest:
+    file: str
+    format: str = "jsonl"
+    trend_branch: str = "main"
+    dry_run: bool = False
+    strict: bool = False
+
+
 @contextlib.contextmanager
 def cancellation(timeout: float) -> Iterator[None]:
     """SIGTERM/SIGINT and the run's deadline raise Cancelled wherever the run is; the
@@ -4389,11 +4646,13 @@ def cancellation(timeout: float) -> Iterator[None]:
 
 
 def run(params: ActionParameters, config: Config, console: Console | None = None,
-        environ: Mapping[str, str] | None = None, command: str = "run") -> ActionResult:
+        environ: Mapping[str, str] | None = None, command: str = "run",
+        importing: ImportRequest | None = None) -> ActionResult:
     """One tracking run (command="run") or a report regeneration (command="report")."""
     console = console or Console()
     environ = os.environ if environ is None else environ
     tracking = TrackingRun(params, config, console, environ)
+    tracking.importing = importing
     try:
         with cancellation(params.timeout):
             return tracking.execute(command)
@@ -4474,6 +4733,11 @@ VERBS = {  # verb → (what it does, an example)
                 "coverage-clover", "track_metrics.py collect loc ./src --language TypeScript"),
     "gate": ("compare this run's values with the baseline (qualityGate rules), comment on the pull "
              "request; read-only", "track_metrics.py gate --local-db metrics.db --quality-gate-mode hard"),
+    "import": ("add a history file (Unentropy's canonical JSONL, CSV, or github-action-benchmark's "
+               "data.js) as import builds, through the same compare-and-swap as a run",
+               "track_metrics.py import history.jsonl --bucket acme-metrics --dry-run"),
+    "export": ("write the history as canonical JSONL (which import reads back) or CSV",
+               "track_metrics.py export --local-db metrics.db --metric coverage --format csv"),
 }
 
 
@@ -4550,7 +4814,22 @@ def build_parser() -> argparse.ArgumentParser:
         (("--pr-comment-marker",), {"dest": "comment_marker", "help": f"the comment's marker (default: {GATE_MARKER})"}),
         (("--max-pr-comment-metrics",), {"dest": "max_comment_metrics", "help": "rows in the comment (default: 30)"}),
         (("--enable-pr-comment",), {"dest": "pr_comment", "help": "true (default) or false"}))
+    importing = group(
+        "import",
+        (("--format",), {"choices": ("jsonl", "csv", "benchmark-action"), "default": "jsonl",
+                         "help": "the file's format (default: jsonl, Unentropy's canonical records)"}),
+        (("--trend-branch",), {"default": "main", "help": "records without a commit take this branch's last "
+                                                          "commit at their time (git log; default: main)"}),
+        (("--dry-run",), {**flag, "help": "say what would be added; upload nothing"}),
+        (("--strict",), {**flag, "help": "stop at the first bad line and import nothing"}))
+    exporting = group(
+        "export",
+        (("--format",), {"choices": ("jsonl", "csv"), "default": "jsonl", "help": "default: jsonl"}),
+        (("--metric",), {"help": "only this metric"}), (("--branch",), {"help": "only this branch's builds"}),
+        (("--since",), {"metavar": "DATE", "help": "only builds from this date (2025-01-31) on"}),
+        (("--output",), {"metavar": "FILE", "help": "write here instead of stdout"}))
     parents = {"run": [common, storage, collection, report, writing], "report": [common, storage, report],
+               "import": [common, storage, report, writing, importing], "export": [common, storage, exporting],
                "check": [common, storage], "verify": [common], "test": [common, collection],
                "collect": [common], "gate": [common, storage, collection, gate]}
     parser = argparse.ArgumentParser(
@@ -4565,6 +4844,8 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog=f"example: {example}")
         if verb == "verify":
             sub.add_argument("config_file", nargs="?", metavar="CONFIG", help="the file to check (default: --config)")
+        if verb == "import":
+            sub.add_argument("file", help="the history file")
         if verb == "collect":
             sub.add_argument("collector", choices=COLLECTORS, help="the collector")
             sub.add_argument("arguments", nargs=argparse.REMAINDER, help="its arguments, as after @collect")
@@ -4624,11 +4905,35 @@ def check(params: ActionParameters, console: Console, as_json: bool) -> int:
     return EXIT_OK if all(status == "ok" for _, status, _ in rows) else EXIT_FAILED
 
 
+def export_command(args: argparse.Namespace, params: ActionParameters, console: Console,
+                   environ: Mapping[str, str]) -> int:
+    """`export`: the stored history, read-only, as JSONL or CSV on stdout or in --output."""
+    workspace = Path(tempfile.mkdtemp(prefix="track_metrics-export-"))
+    try:
+        path = read_database(params, console, environ, workspace, params.artifact_branch or "main")
+        if path is None:
+            raise TrackMetricsError("DB_NOT_FOUND", f"{params.location} does not exist: nothing to export")
+        connection = open_database(path)
+        try:
+            lines = export_history(connection, args.format, args.metric, args.branch, args.since)
+            if args.output:
+                with open(args.output, "w", encoding="utf-8", newline="") as handle:
+                    handle.writelines(lines)
+            else:
+                sys.stdout.writelines(lines)
+        finally:
+            connection.close()
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    return EXIT_OK
+
+
 def done_line(command: str, result: ActionResult) -> str:
     """The last line of a successful run: what was recorded, what failed, where it all is."""
     report = f"; report: {result.report_path}" if result.report_path else ""
     if command != "run":
-        return f"done: {count(result.total_builds, 'build')} in {result.database_location}{report}"
+        imported = f"{count(len(result.metrics_collected), 'metric')} imported, " if command == "import" else ""
+        return f"done: {imported}{count(result.total_builds, 'build')} in {result.database_location}{report}"
     recorded, failed = len(result.metrics_collected), list(result.metrics_failed)
     what = f"{recorded} of {count(recorded + len(failed), 'metric')} recorded; failed: {', '.join(failed)}" \
         if failed else f"{count(recorded, 'metric')} recorded"
@@ -4721,7 +5026,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 console.warning(warning)
             with cancellation(float(environ.get("INPUT_TIMEOUT") or 300)):
                 return gate_command(args, environ, console, config, config_path)
-        if args.command in ("check", "report") and not config_path.exists():
+        if args.command in ("check", "report", "import", "export") and not config_path.exists():
             # check needs no metrics; report draws every metric the database defines, as stored
             config = Config(storage=StorageConfiguration() if args.command == "check" else None)
         else:
@@ -4749,7 +5054,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return check(params, console, args.json)
         if args.command == "test":
             return test_command(params, config, console, environ)
-        result = run(params, config, console, environ, command=args.command)
+        if args.command == "export":
+            return export_command(args, params, console, environ)
+        importing = ImportRequest(args.file, args.format, args.trend_branch, args.dry_run, args.strict) \
+            if args.command == "import" else None
+        result = run(params, config, console, environ, command=args.command, importing=importing)
         if result.success:
             console.info(done_line(args.command, result))
             if args.command == "run" and result.metrics_failed and getattr(args, "fail_on_missing", False):

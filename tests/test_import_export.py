@@ -1,0 +1,141 @@
+"""History in and out: `import` (Unentropy's canonical JSONL, CSV, github-action-benchmark's
+data.js) through the same compare-and-swap as a run, and `export`, which import reads back."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import uuid
+
+from conftest import SIMPLE_METRICS, TOOL, database_rows, get_object, write_config
+
+A, B = "a" * 40, "b" * 40
+
+
+def records(count: int = 30) -> list[dict]:
+    return [{"metric_id": "coverage", "timestamp": f"2025-01-{1 + n // 10:02d}T{n % 10:02d}:00:00Z",
+             "value_numeric": 70 + n / 2, "commit_sha": f"{n:040x}", "branch": "main"} for n in range(count)]
+
+
+def write_jsonl(path, items) -> str:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return str(path)
+
+
+def rows(database, query):
+    connection = sqlite3.connect(database)
+    try:
+        return connection.execute(query).fetchall()
+    finally:
+        connection.close()
+
+
+def test_an_import_racing_runs_in_s3_loses_nothing_from_either(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+    history = write_jsonl(tmp_path / "history.jsonl", records(30))
+    base = [sys.executable, str(TOOL)]
+    processes = [subprocess.Popen([*base, "--config", str(config), *run_cli.s3_args(proxy.endpoint), "--no-report",
+                                   "--commit", uuid.uuid4().hex, "--branch", "main", "--run-id", f"run-{n}"],
+                                  env=run_cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for n in range(4)]
+    processes.append(subprocess.Popen([*base, "import", history, "--config", str(config),
+                                       *run_cli.s3_args(proxy.endpoint), "--no-report"], env=run_cli.env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for process in processes:
+        _, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr
+    data = get_object(s3_server, bucket)
+    assert database_rows(data, tmp_path, "SELECT COUNT(*) FROM build_contexts WHERE event_name = 'import'") == [(30,)]
+    assert database_rows(data, tmp_path, "SELECT COUNT(*) FROM build_contexts WHERE run_id LIKE 'run-%'") == [(4,)]
+    assert database_rows(data, tmp_path, "SELECT COUNT(*) FROM build_contexts") == [(35,)]
+
+
+def test_bad_lines_are_reported_by_number_and_strict_imports_nothing(run_local, tmp_path):
+    database = tmp_path / "m.db"
+    good = records(3)
+    lines = [json.dumps(good[0]), json.dumps({**good[1], "colour": "red"}), "{not json",
+             json.dumps({**good[2], "value_label": "x"})]
+    (tmp_path / "h.jsonl").write_text("\n".join(lines) + "\n")
+    strict = run_local("import", str(tmp_path / "h.jsonl"), "--local-db", str(database), "--strict", "--json")
+    assert strict.returncode == 2
+    assert strict.json()["error"]["code"] == "IMPORT_INVALID" and "h.jsonl:2: unknown field 'colour'" in strict.stderr
+    assert not database.exists()
+    lenient = run_local("import", str(tmp_path / "h.jsonl"), "--local-db", str(database), "--no-report")
+    assert lenient.returncode == 0, lenient.output
+    assert "h.jsonl:2:" in lenient.stderr and "h.jsonl:3: not JSON" in lenient.stderr
+    assert "h.jsonl:4: exactly one of value_numeric or value_label" in lenient.stderr
+    assert rows(database, "SELECT COUNT(*) FROM metric_values") == [(1,)]
+
+
+def test_records_without_a_commit_take_the_nearest_commit_of_the_trend_branch(run_local, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    commits = []
+    for day in (1, 5, 9):
+        date = f"2025-01-{day:02d}T12:00:00+00:00"
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.test", "commit", "-q",
+                        "--allow-empty", "-m", f"day {day}"], cwd=repo, check=True,
+                       env={"PATH": "/usr/bin:/bin", "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date})
+        commits.append(subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip())
+    items = [{"metric_id": "loc", "timestamp": "2025-01-06T00:00:00Z", "value_numeric": 10},
+             {"metric_id": "loc", "timestamp": "2025-01-09T13:00:00Z", "value_numeric": 12},
+             {"metric_id": "loc", "timestamp": "2024-12-31T00:00:00Z", "value_numeric": 9}]
+    history = write_jsonl(tmp_path / "h.jsonl", items)
+    result = run_local("import", history, "--local-db", str(tmp_path / "m.db"), "--trend-branch", "main",
+                       "--no-report", cwd=repo)
+    assert result.returncode == 0, result.output
+    assert "h.jsonl:3: no commit of main at or before 2024-12-31" in result.stderr
+    assert rows(tmp_path / "m.db", "SELECT commit_sha FROM build_contexts ORDER BY timestamp") == [
+        (commits[1],), (commits[2],)]
+
+
+def test_benchmark_action_data_js_and_csv(run_local, tmp_path):
+    data = {"lastUpdate": 1, "repoUrl": "https://github.com/acme/widget", "entries": {"Benchmark": [
+        {"commit": {"id": A, "timestamp": "2025-02-01T10:00:00+01:00"}, "date": 1738400400000, "tool": "go",
+         "benches": [{"name": "BenchmarkParse/small", "value": 120.5, "unit": "ns/op"},
+                     {"name": "BenchmarkParse/large", "value": 9100, "unit": "ns/op"}]}]}}
+    (tmp_path / "data.js").write_text("window.BENCHMARK_DATA = " + json.dumps(data) + ";\n")
+    database = tmp_path / "m.db"
+    result = run_local("import", str(tmp_path / "data.js"), "--format", "benchmark-action", "--local-db",
+                       str(database), "--no-report")
+    assert result.returncode == 0, result.output
+    assert rows(database, "SELECT id, unit FROM metric_definitions ORDER BY id") == [
+        ("benchmarkparse-large", "ns/op"), ("benchmarkparse-small", "ns/op")]
+    (tmp_path / "h.csv").write_text("metric_id,timestamp,value_numeric,value_label,commit_sha,branch,run_id,run_number\n"
+                                    f"coverage,2025-01-01T00:00:00Z,80,,{B},main,ci-1,1\n"
+                                    f"status,2025-01-01T00:00:00Z,,\"green, mostly\",{B},main,ci-1,1\n")
+    result = run_local("import", str(tmp_path / "h.csv"), "--format", "csv", "--local-db", str(database), "--no-report")
+    assert result.returncode == 0, result.output
+    assert rows(database, "SELECT value_label FROM metric_values WHERE metric_id = 'status'") == [("green, mostly",)]
+
+
+def test_import_export_import_is_a_fixed_point_and_importing_twice_adds_nothing(run_local, tmp_path):
+    items = records(5) + [{"metric_id": "status", "timestamp": "2025-01-01T00:00:00Z", "value_label": "green",
+                           "commit_sha": A, "run_id": "ci-9", "run_number": 9, "branch": "feature/x"}]
+    history = write_jsonl(tmp_path / "h.jsonl", items)
+    first, second = tmp_path / "first.db", tmp_path / "second.db"
+    assert run_local("import", history, "--local-db", str(first), "--no-report").returncode == 0
+    again = run_local("import", history, "--local-db", str(first), "--no-report")
+    assert "0 new values added" in again.stderr
+    exported = run_local("export", "--local-db", str(first))
+    assert exported.returncode == 0 and len(exported.stdout.splitlines()) == 6
+    (tmp_path / "exported.jsonl").write_text(exported.stdout)
+    assert run_local("import", str(tmp_path / "exported.jsonl"), "--local-db", str(second), "--no-report").returncode == 0
+    assert run_local("export", "--local-db", str(second)).stdout == exported.stdout
+    csv = run_local("export", "--local-db", str(second), "--format", "csv", "--metric", "status")
+    assert csv.stdout.splitlines()[1].startswith("status,2025-01-01T00:00:00Z,,green,")
+
+
+def test_a_dry_run_changes_nothing(run_local, tmp_path):
+    database = tmp_path / "m.db"
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_local("--config", str(config), "--local-db", str(database), "--no-report").returncode == 0
+    before = database.read_bytes()
+    result = run_local("import", write_jsonl(tmp_path / "h.jsonl", records(4)), "--local-db", str(database),
+                       "--dry-run", "--no-report")
+    assert result.returncode == 0, result.output
+    assert "would add 4 values" in result.stderr
+    assert database.read_bytes() == before
