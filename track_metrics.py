@@ -59,6 +59,7 @@ Error codes (``WorkflowError.code``):
     DB_SCHEMA_NEWER         the database has a newer schema version: upgrade track_metrics
     DB_WRITE_FAILED         SQLite refused to record the build
     COLLECT_NOTHING         no metric command produced a value that could be recorded
+    IMPORT_INVALID          `import`: an unreadable file, no valid record, or a bad line with --strict
     METRICS_MISSING         --fail-on-missing: some metrics recorded no value
     REPORT_FAILED           the report could not be written (the database is safe)
     RUN_TIMEOUT             the run's --timeout passed (retryable)
