@@ -4082,6 +4082,57 @@ def export_history(connection: sqlite3.Connection, fmt: str, metric: str | None,
             yield json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
+@dataclass(frozen=True)
+class PruneRequest:
+    pull_requests_days: float | None = None
+    older_days: float | None = None
+    keep: str | None = None  # "daily" or "weekly": one build per branch and day/week beyond the cut
+    vacuum: bool = False
+    dry_run: bool = False
+
+
+def prune_plan(connection: sqlite3.Connection, request: PruneRequest, now: dt.datetime) -> list[int]:
+    """The builds a retention policy removes. The latest build of every branch always stays."""
+    builds = connection.execute("SELECT id, branch, COALESCE(event_name, ''), timestamp FROM build_contexts"
+                                " ORDER BY timestamp, id").fetchall()
+    latest = {branch: build_id for build_id, branch, _, _ in builds}
+    cutoff = now.timestamp() - 86400 * (request.older_days or 0)
+    pr_cutoff = now.timestamp() - 86400 * (request.pull_requests_days or 0)
+    kept_period: dict[tuple, int] = {}
+    for build_id, branch, event, stamp in reversed(builds):  # newest first: a period keeps its last
+        moment = parse_time(stamp)
+        if request.keep and moment < cutoff:
+            day = dt.datetime.fromtimestamp(moment, dt.timezone.utc).date()
+            period = day.isocalendar()[:2] if request.keep == "weekly" else day
+            kept_period.setdefault((branch, period), build_id)
+    removed = []
+    for build_id, branch, event, stamp in builds:
+        moment = parse_time(stamp)
+        if build_id == latest[branch] or build_id in kept_period.values():
+            continue
+        if (request.pull_requests_days is not None and event.startswith("pull_request") and moment < pr_cutoff) \
+                or (request.older_days is not None and moment < cutoff):
+            removed.append(build_id)
+    return removed
+
+
+def apply_prune(connection: sqlite3.Connection, removed: Sequence[int]) -> int:
+    """Delete these builds and their values in one transaction; returns the values removed."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        values = 0
+        for start in range(0, len(removed), 500):
+            chunk = list(removed[start:start + 500])
+            marks = ",".join("?" * len(chunk))
+            values += connection.execute(f"DELETE FROM metric_values WHERE build_id IN ({marks})", chunk).rowcount
+            connection.execute(f"DELETE FROM build_contexts WHERE id IN ({marks})", chunk)
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    return values
+
+
 # ============================================================================================
 # Workflow
 # ============================================================================================
@@ -4164,6 +4215,7 @@ class TrackingRun:
         self.values: dict[str, Any] = {}
         self.recorded: dict[str, Any] = {}  # the values the database took
         self.importing: ImportRequest | None = None
+        self.pruning: PruneRequest | None = None
         self.imports: list[ImportRecord] = []
         self.trusted = True  # the base was checked in full (or vouched for): the chain holds
         self.working = self.workspace / "working.db"
@@ -4197,9 +4249,9 @@ class TrackingRun:
         try:
             self.download()
             self.validate()
-            if command in ("run", "import"):
-                self.collect() if command == "run" else self.read_import()
-                if not (command == "import" and self.importing.dry_run):
+            if command in ("run", "import", "prune"):
+                {"run": self.collect, "import": self.read_import, "prune": self.plan_prune}[command]()
+                if not (self.importing or self.pruning or PruneRequest()).dry_run:
                     self.upload()
                 else:
                     self.working = self.base
@@ -4415,6 +4467,20 @@ class TrackingRun:
             connection.close()
         return path
 
+    def plan_prune(self) -> None:
+        """`prune`: what the policy removes, said before anything is uploaded."""
+        with self.phase("collect") as phase:
+            connection = open_database(self.base)
+            try:
+                removed = prune_plan(connection, self.pruning, now_utc())
+            finally:
+                connection.close()
+            phase.metadata["builds_removed"] = len(removed)
+            verb = "would remove" if self.pruning.dry_run else "removes"
+            self.console.info(f"prune: {verb} {count(len(removed), 'build')} of {count(self.result.total_builds, 'build')}"
+                              " (the latest build of every branch stays)"
+                              + ("; nothing was uploaded" if self.pruning.dry_run else ""))
+
     def read_import(self) -> None:
         """`import`: the file's records, each refused line reported with its number."""
         request = self.importing
@@ -4518,6 +4584,8 @@ class TrackingRun:
         try:
             if self.storage.fetch(successor) is None:
                 return False
+            if self.command == "prune":  # a successor that only added builds holds our deletions too
+                return True
             if self.command == "import":
                 return all(holds_build(successor, BuildContext(r.commit_sha, r.branch, r.run_id, None, None, ""),
                                        {r.metric_id: r.value}) for r in self.imports)
@@ -4531,6 +4599,18 @@ class TrackingRun:
         os.replace(self.base, self.working)
         self.keep_workspace = True  # from here on the collected data exists only locally
         connection = open_database(self.working)
+        if self.command == "prune":
+            try:
+                connection.execute("PRAGMA journal_mode=DELETE")
+                removed = prune_plan(connection, self.pruning, now_utc())  # on this attempt's base
+                values = apply_prune(connection, removed)
+                self.generation = bump_generation(connection)
+                if self.pruning.vacuum:
+                    connection.execute("VACUUM")
+            finally:
+                connection.close()
+            self.console.info(f"prune: removed {count(len(removed), 'build')} and {count(values, 'value')}")
+            return prepare_upload(self.working, "full" if self.params.integrity == "full" else "quick")
         if self.command == "import":
             try:
                 connection.execute("PRAGMA journal_mode=DELETE")
@@ -4648,12 +4728,12 @@ def cancellation(timeout: float) -> Iterator[None]:
 
 def run(params: ActionParameters, config: Config, console: Console | None = None,
         environ: Mapping[str, str] | None = None, command: str = "run",
-        importing: ImportRequest | None = None) -> ActionResult:
+        importing: ImportRequest | None = None, pruning: PruneRequest | None = None) -> ActionResult:
     """One tracking run (command="run") or a report regeneration (command="report")."""
     console = console or Console()
     environ = os.environ if environ is None else environ
     tracking = TrackingRun(params, config, console, environ)
-    tracking.importing = importing
+    tracking.importing, tracking.pruning = importing, pruning
     try:
         with cancellation(params.timeout):
             return tracking.execute(command)
@@ -4737,6 +4817,8 @@ VERBS = {  # verb → (what it does, an example)
     "import": ("add a history file (Unentropy's canonical JSONL, CSV, or github-action-benchmark's "
                "data.js) as import builds, through the same compare-and-swap as a run",
                "track_metrics.py import history.jsonl --bucket acme-metrics --dry-run"),
+    "prune": ("remove old builds by a retention policy, in one compare-and-swap upload with a .bak "
+              "kept; --dry-run first", "track_metrics.py prune --older-than 365 --keep-weekly --vacuum --dry-run"),
     "export": ("write the history as canonical JSONL (which import reads back) or CSV",
                "track_metrics.py export --local-db metrics.db --metric coverage --format csv"),
 }
@@ -4829,7 +4911,18 @@ def build_parser() -> argparse.ArgumentParser:
         (("--metric",), {"help": "only this metric"}), (("--branch",), {"help": "only this branch's builds"}),
         (("--since",), {"metavar": "DATE", "help": "only builds from this date (2025-01-31) on"}),
         (("--output",), {"metavar": "FILE", "help": "write here instead of stdout"}))
+    pruning = group(
+        "prune",
+        (("--pull-requests-older-than",), {"metavar": "DAYS", "type": float, "help": "remove pull-request builds older than this"}),
+        (("--older-than",), {"metavar": "DAYS", "type": float, "help": "remove every build older than this …"}),
+        (("--keep-daily",), {"dest": "keep", "action": "store_const", "const": "daily",
+                             "help": "… but one build per branch and day"}),
+        (("--keep-weekly",), {"dest": "keep", "action": "store_const", "const": "weekly",
+                              "help": "… but one build per branch and week"}),
+        (("--vacuum",), {**flag, "help": "shrink the file afterwards (SQLite VACUUM)"}),
+        (("--dry-run",), {**flag, "help": "say what would be removed; upload nothing"}))
     parents = {"run": [common, storage, collection, report, writing], "report": [common, storage, report],
+               "prune": [common, storage, report, writing, pruning],
                "import": [common, storage, report, writing, importing], "export": [common, storage, exporting],
                "check": [common, storage], "verify": [common], "test": [common, collection],
                "collect": [common], "gate": [common, storage, collection, gate]}
@@ -4934,6 +5027,7 @@ def done_line(command: str, result: ActionResult) -> str:
     report = f"; report: {result.report_path}" if result.report_path else ""
     if command != "run":
         imported = f"{count(len(result.metrics_collected), 'metric')} imported, " if command == "import" else ""
+        imported = "pruned, " if command == "prune" else imported
         return f"done: {imported}{count(result.total_builds, 'build')} in {result.database_location}{report}"
     recorded, failed = len(result.metrics_collected), list(result.metrics_failed)
     what = f"{recorded} of {count(recorded + len(failed), 'metric')} recorded; failed: {', '.join(failed)}" \
@@ -5021,13 +5115,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                            or "unentropy.json")
         if args.command == "verify":
             return verify_command(config_path, console)
+        if args.command == "prune" and args.pull_requests_older_than is None and args.older_than is None:
+            raise TrackMetricsError("PARAM_MISSING", "prune needs --pull-requests-older-than DAYS or "
+                                    "--older-than DAYS", type="validation")
         if args.command == "gate":
             config = load_config(config_path)
             for warning in config.warnings:
                 console.warning(warning)
             with cancellation(float(environ.get("INPUT_TIMEOUT") or 300)):
                 return gate_command(args, environ, console, config, config_path)
-        if args.command in ("check", "report", "import", "export") and not config_path.exists():
+        if args.command in ("check", "report", "import", "export", "prune") and not config_path.exists():
             # check needs no metrics; report draws every metric the database defines, as stored
             config = Config(storage=StorageConfiguration() if args.command == "check" else None)
         else:
@@ -5059,7 +5156,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return export_command(args, params, console, environ)
         importing = ImportRequest(args.file, args.format, args.trend_branch, args.dry_run, args.strict) \
             if args.command == "import" else None
-        result = run(params, config, console, environ, command=args.command, importing=importing)
+        pruning = PruneRequest(args.pull_requests_older_than, args.older_than, args.keep, args.vacuum,
+                               args.dry_run) if args.command == "prune" else None
+        result = run(params, config, console, environ, command=args.command, importing=importing, pruning=pruning)
         if result.success:
             console.info(done_line(args.command, result))
             if args.command == "run" and result.metrics_failed and getattr(args, "fail_on_missing", False):

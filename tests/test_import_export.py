@@ -139,3 +139,50 @@ def test_a_dry_run_changes_nothing(run_local, tmp_path):
     assert result.returncode == 0, result.output
     assert "would add 4 values" in result.stderr
     assert database.read_bytes() == before
+
+
+def history_with_dates(tmp_path, database):
+    """Builds on main every 12 hours for 60 days, pull-request builds among them, and a branch."""
+    import datetime as dt
+    now = dt.datetime.now(dt.timezone.utc)
+    items = []
+    for n in range(120):
+        moment = (now - dt.timedelta(hours=12 * n + 1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        items.append({"metric_id": "size", "timestamp": moment, "value_numeric": n, "commit_sha": f"{n:040x}",
+                      "branch": "main", "run_id": f"main-{n}"})
+    items.append({"metric_id": "size", "timestamp": (now - dt.timedelta(days=90)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "value_numeric": 1, "commit_sha": "f" * 40, "branch": "old-branch", "run_id": "x"})
+    assert subprocess.run([sys.executable, str(TOOL), "import", write_jsonl(tmp_path / "dated.jsonl", items),
+                           "--local-db", str(database), "--no-report"], capture_output=True).returncode == 0
+    connection = sqlite3.connect(database)
+    connection.execute("UPDATE build_contexts SET event_name = 'pull_request' WHERE CAST(substr(run_id, 6) AS INTEGER) % 3 = 0")
+    connection.commit()
+    connection.close()
+
+
+def test_prune_keeps_what_it_promises_and_its_dry_run_changes_nothing(run_local, tmp_path):
+    database = tmp_path / "m.db"
+    history_with_dates(tmp_path, database)
+    before = database.read_bytes()
+    dry = run_local("prune", "--local-db", str(database), "--older-than", "30", "--dry-run", "--no-report")
+    assert dry.returncode == 0, dry.output
+    assert "would remove" in dry.stderr and database.read_bytes() == before
+    result = run_local("prune", "--local-db", str(database), "--pull-requests-older-than", "7", "--older-than", "30",
+                       "--keep-weekly", "--vacuum", "--no-report")
+    assert result.returncode == 0, result.output
+    left = rows(database, "SELECT branch, event_name, timestamp FROM build_contexts ORDER BY timestamp")
+    import datetime as dt
+    now = dt.datetime.now(dt.timezone.utc)
+    age = [(now - dt.datetime.fromisoformat(t.replace("Z", "+00:00"))).days for _, _, t in left]
+    recent = [row for row, days in zip(left, age) if days < 7]
+    assert len(recent) == 14  # the last week: every build, pull requests included
+    middle = [row for row, days in zip(left, age) if 7 <= days < 30]
+    assert middle and all(event != "pull_request" for _, event, _ in middle)
+    old = [row for row, days in zip(left, age) if days >= 30 and row[0] == "main"]
+    weeks = {dt.datetime.fromisoformat(t.replace("Z", "+00:00")).isocalendar()[:2] for _, _, t in old}
+    assert len(old) == len(weeks)  # beyond the cut: one build a week
+    assert ("old-branch",) in rows(database, "SELECT DISTINCT branch FROM build_contexts")  # its latest stays
+    assert rows(database, "SELECT COUNT(*) FROM metric_values WHERE build_id NOT IN (SELECT id FROM build_contexts)") == [(0,)]
+    assert len(database.read_bytes()) <= len(before)
+    missing = run_local("prune", "--local-db", str(database), "--json")
+    assert missing.returncode == 2 and missing.json()["error"]["code"] == "PARAM_MISSING"
