@@ -4133,6 +4133,80 @@ def apply_prune(connection: sqlite3.Connection, removed: Sequence[int]) -> int:
     return values
 
 
+def backfill_commits(workdir: Path, since: str | None, last: int | None, every: int) -> list[str]:
+    """First-parent history, oldest first: since a revision, or the last N commits; every K-th."""
+    revisions = ["rev-list", "--first-parent", "--reverse", f"{since}..HEAD" if since else "HEAD"]
+    commits = (git(revisions, workdir) or "").split()
+    if last:
+        commits = commits[-last:]
+    return commits[::-1][::every][::-1]  # every K-th, counted from the newest, which is always in
+
+
+def backfill_commit(commit: str, metrics: Sequence[MetricConfig], config: Config, params: "ActionParameters",
+                    console: Console, environ: Mapping[str, str], root: Path, scratch: Path,
+                    branch: str) -> list[ImportRecord]:
+    """One commit, checked out into a temporary worktree, measured as a run would measure it."""
+    tree = scratch / f"tree-{commit[:12]}"
+    if git(["worktree", "add", "--detach", "--force", str(tree), commit], root) is None:
+        console.warning(f"backfill: cannot check out {commit[:12]}; skipped")
+        return []
+    try:
+        when = git(["show", "-s", "--format=%cI", commit], root) or iso(now_utc())
+        moment = dt.datetime.fromisoformat(when).astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        base = tree / os.path.relpath(config.base_path.resolve(), root.resolve())
+        runner = CommandRunner(tree, environ, console.secrets, config.sources, base)
+        build = BuildContext(commit, branch, f"backfill:{commit[:12]}", 0, "import", moment)
+        outcomes = collect_metrics(metrics, runner, build, 1, time.monotonic() + params.timeout)
+        units = {metric.id: metric.unit for metric in metrics}
+        return [ImportRecord(outcome.id, moment, outcome.value, commit, branch, build.run_id, 0, units[outcome.id])
+                for outcome in outcomes if outcome.ok]
+    finally:
+        git(["worktree", "remove", "--force", str(tree)], root)
+
+
+def backfill_command(args: argparse.Namespace, params: "ActionParameters", config: Config, console: Console,
+                     environ: Mapping[str, str]) -> int:
+    """`backfill`: measure past commits and record each as an import build at its commit time.
+    Resumable (commits already recorded are skipped), uploads every --checkpoint commits."""
+    root = Path(git(["rev-parse", "--show-toplevel"], params.workdir) or params.workdir)
+    metrics = [m for m in config.metrics if args.all_metrics or re.match(r"\s*@collect (loc|size)\b", m.command)]
+    if not metrics:
+        raise TrackMetricsError("PARAM_INVALID", "no metric can be measured without a build (only @collect loc "
+                                "and size can); pass --all-metrics to run every command", type="validation")
+    workspace = Path(tempfile.mkdtemp(prefix="track_metrics-backfill-"))
+    try:
+        stored = read_database(params, console, environ, workspace, args.trend_branch)
+        known = set()
+        if stored:
+            connection = open_database(stored)
+            known = {row[0] for row in connection.execute("SELECT DISTINCT commit_sha FROM build_contexts")}
+            connection.close()
+        commits = [c for c in backfill_commits(root, args.since, args.last, args.every) if c not in known]
+        console.info(f"backfill: {count(len(commits), 'commit')} to measure ({', '.join(m.id for m in metrics)})")
+        step = args.checkpoint or len(commits) or 1
+        started, done = time.monotonic(), 0
+        with cancellation(params.timeout), ThreadPoolExecutor(max_workers=params.jobs) as pool:
+            for start in range(0, len(commits), step):
+                batch: list[ImportRecord] = []
+                for records in pool.map(lambda c: backfill_commit(c, metrics, config, params, console, environ, root,
+                                                                  workspace, args.trend_branch), commits[start:start + step]):
+                    batch += records
+                    done += 1
+                    left = (time.monotonic() - started) / done * (len(commits) - done)
+                    console.info(f"backfill: {done}/{len(commits)} commits, about {format_duration(left)} left")
+                if batch:
+                    result = run(params, config, console, environ, command="import",
+                                 importing=ImportRequest("backfill", records=tuple(batch)))
+                    if result.error:
+                        console.error(f"[{result.error.code}] {result.error.message}")
+                        return result.error.exit_code
+        console.info(f"done: {count(done, 'commit')} backfilled in {params.location}")
+        return EXIT_OK
+    finally:
+        git(["worktree", "prune"], root)
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
 # ============================================================================================
 # Workflow
 # ============================================================================================
@@ -4485,12 +4559,15 @@ class TrackingRun:
         """`import`: the file's records, each refused line reported with its number."""
         request = self.importing
         with self.phase("collect") as phase:
-            try:
-                text = Path(request.file).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise TrackMetricsError("IMPORT_INVALID", f"cannot read {request.file}: {exc}", type="validation")
-            self.imports, problems = resolve_imports(text, request.format, request.trend_branch,
-                                                     self.params.workdir, request.strict)
+            if request.records:
+                self.imports, problems = list(request.records), []
+            else:
+                try:
+                    text = Path(request.file).read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise TrackMetricsError("IMPORT_INVALID", f"cannot read {request.file}: {exc}", type="validation")
+                self.imports, problems = resolve_imports(text, request.format, request.trend_branch,
+                                                         self.params.workdir, request.strict)
             for number, why in problems:
                 self.console.warning(f"{request.file}:{number}: {why}")
             if problems and request.strict:
@@ -4700,6 +4777,7 @@ class ImportRequest:
     trend_branch: str = "main"
     dry_run: bool = False
     strict: bool = False
+    records: tuple = ()  # already resolved (backfill): no file to read
 
 
 @contextlib.contextmanager
@@ -4819,6 +4897,8 @@ VERBS = {  # verb → (what it does, an example)
                "track_metrics.py import history.jsonl --bucket acme-metrics --dry-run"),
     "prune": ("remove old builds by a retention policy, in one compare-and-swap upload with a .bak "
               "kept; --dry-run first", "track_metrics.py prune --older-than 365 --keep-weekly --vacuum --dry-run"),
+    "backfill": ("measure past commits (each in a temporary git worktree) and record them as import builds "
+                 "at their commit times; resumable", "track_metrics.py backfill --last 50 --every 5 --checkpoint 10"),
     "export": ("write the history as canonical JSONL (which import reads back) or CSV",
                "track_metrics.py export --local-db metrics.db --metric coverage --format csv"),
 }
@@ -4921,7 +5001,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "help": "… but one build per branch and week"}),
         (("--vacuum",), {**flag, "help": "shrink the file afterwards (SQLite VACUUM)"}),
         (("--dry-run",), {**flag, "help": "say what would be removed; upload nothing"}))
+    backfilling = group(
+        "backfill",
+        (("--since",), {"metavar": "REV", "help": "the commits after this revision (first-parent history)"}),
+        (("--last",), {"metavar": "N", "type": int, "help": "the last N commits"}),
+        (("--every",), {"metavar": "K", "type": int, "default": 1, "help": "every K-th commit (default: each)"}),
+        (("--all-metrics",), {**flag, "help": "run every metric command, not only those that need no build "
+                                              "(@collect loc and size)"}),
+        (("--checkpoint",), {"metavar": "N", "type": int, "help": "upload every N commits (default: once, at the end)"}),
+        (("--trend-branch",), {"default": "main", "help": "the branch the builds are recorded on (default: main)"}))
     parents = {"run": [common, storage, collection, report, writing], "report": [common, storage, report],
+               "backfill": [common, storage, collection, writing, backfilling],
                "prune": [common, storage, report, writing, pruning],
                "import": [common, storage, report, writing, importing], "export": [common, storage, exporting],
                "check": [common, storage], "verify": [common], "test": [common, collection],
@@ -5140,20 +5230,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if params.local_db is None and endpoint.scheme == "http" and not is_loopback(endpoint.hostname or ""):
             console.warning("the endpoint uses plain http://: requests are signed but the database "
                             "travels unencrypted; use https:// outside a private network")
-    except TrackMetricsError as exc:
-        for secret in exc.secrets:
-            console.add_secret(secret)
-        result.error = WorkflowError.from_exception(exc)
-        for phase in result.phases:
-            phase.status = "skipped"
-        console.error(f"[{exc.code}] {exc.message}")
-    else:
-        if args.command == "check":
-            return check(params, console, args.json)
-        if args.command == "test":
-            return test_command(params, config, console, environ)
-        if args.command == "export":
-            return export_command(args, params, console, environ)
+        verbs = {"check": lambda: check(params, console, args.json),
+                 "test": lambda: test_command(params, config, console, environ),
+                 "export": lambda: export_command(args, params, console, environ),
+                 "backfill": lambda: backfill_command(args, dataclasses.replace(params, report=False), config,
+                                                      console, environ)}
+        if args.command in verbs:
+            return verbs[args.command]()
         importing = ImportRequest(args.file, args.format, args.trend_branch, args.dry_run, args.strict) \
             if args.command == "import" else None
         pruning = PruneRequest(args.pull_requests_older_than, args.older_than, args.keep, args.vacuum,
@@ -5169,6 +5252,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                                              + ", ".join(result.metrics_failed), False)
         elif result.error:
             console.error(f"[{result.error.code}] {result.error.message}")
+    except (TrackMetricsError, Cancelled) as exc:
+        for secret in getattr(exc, "secrets", ()):
+            console.add_secret(secret)
+        result.error = WorkflowError.from_exception(exc)
+        for phase in result.phases:
+            phase.status = "skipped" if phase.status == "pending" else phase.status
+        console.error(f"[{exc.code}] {exc.message}")
     if environ.get("GITHUB_OUTPUT"):
         write_github_outputs(environ["GITHUB_OUTPUT"], result, console.secrets)
     if environ.get("GITHUB_STEP_SUMMARY") and result.error:  # a failed run says so where people look

@@ -186,3 +186,62 @@ def test_prune_keeps_what_it_promises_and_its_dry_run_changes_nothing(run_local,
     assert len(database.read_bytes()) <= len(before)
     missing = run_local("prune", "--local-db", str(database), "--json")
     assert missing.returncode == 2 and missing.json()["error"]["code"] == "PARAM_MISSING"
+
+
+def backfill_repository(tmp_path, commits: int = 20):
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    (repo / "unentropy.json").write_text(json.dumps({"metrics": {
+        "loc": {"$ref": "loc", "command": "@collect loc src"},
+        "slow": {"type": "numeric", "command": "sleep 0.2; echo 1"}}}))
+    times = []
+    for n in range(commits):
+        (repo / "src" / f"m{n}.py").write_text("x = 1\n" * (n + 1))
+        date = f"2025-03-{n + 1:02d}T09:00:00+00:00"
+        times.append("2025-03-%02dT09:00:00.000Z" % (n + 1))
+        subprocess.run(["git", "add", "."], cwd=repo, check=True)
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.test", "commit", "-q", "-m", f"c{n}"],
+                       cwd=repo, check=True, env={"PATH": "/usr/bin:/bin", "GIT_AUTHOR_DATE": date,
+                                                  "GIT_COMMITTER_DATE": date})
+    return repo, times
+
+
+def test_backfill_records_each_commit_at_its_time(run_local, tmp_path):
+    repo, times = backfill_repository(tmp_path)
+    database = tmp_path / "m.db"
+    result = run_local("backfill", "--local-db", str(database), "--jobs", "2", cwd=repo)
+    assert result.returncode == 0, result.output
+    assert "20/20 commits" in result.stderr
+    builds = rows(database, "SELECT b.timestamp, v.value_numeric, b.event_name FROM build_contexts b"
+                            " JOIN metric_values v ON v.build_id = b.id ORDER BY b.timestamp")
+    assert [b[0] for b in builds] == times
+    assert [b[1] for b in builds] == [sum(range(1, n + 2)) for n in range(20)]  # the loc of each tree
+    assert {b[2] for b in builds} == {"import"}
+    again = run_local("backfill", "--local-db", str(database), cwd=repo)
+    assert "0 commits to measure" in again.stderr
+
+
+def test_backfill_resumes_after_sigterm_without_duplicates(run_local, tmp_path):
+    import signal
+    import time
+    repo, _ = backfill_repository(tmp_path)
+    database = tmp_path / "m.db"
+    process = subprocess.Popen([sys.executable, str(TOOL), "backfill", "--local-db", str(database), "--all-metrics",
+                                "--checkpoint", "5"], cwd=repo, env=run_local.env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (database.exists() and rows(
+            database, "SELECT COUNT(*) FROM build_contexts")[0][0] >= 5):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 75, stderr
+    stored = rows(database, "SELECT COUNT(*) FROM build_contexts")[0][0]
+    assert 5 <= stored < 20
+    result = run_local("backfill", "--local-db", str(database), "--all-metrics", "--checkpoint", "5", cwd=repo)
+    assert result.returncode == 0, result.output
+    assert f"{20 - stored} commits to measure" in result.stderr
+    assert rows(database, "SELECT COUNT(*), COUNT(DISTINCT commit_sha) FROM build_contexts") == [(20, 20)]
+    assert rows(database, "SELECT COUNT(*) FROM metric_values") == [(40,)]
+    assert subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout.count("\n") == 1
