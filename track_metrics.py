@@ -6,10 +6,13 @@
 # SPDX-License-Identifier: MIT
 """track_metrics: track a codebase's metrics across CI runs in a SQLite database on S3.
 
-One tracking run downloads the metrics database from S3-compatible storage, checks it, runs
-the metric commands of ``unentropy.json``, records their values with the build's context,
-uploads the database back with a compare-and-swap (concurrent runs never lose a build), and
-writes a self-contained HTML report.
+One tracking run downloads the metrics database (from S3-compatible storage, a local file or
+GitHub Actions artifacts), checks it, runs the metric commands of ``unentropy.json`` (shell
+commands or Unentropy's built-in ``@collect`` collectors), records their values with the
+build's context, uploads the database back with a compare-and-swap (concurrent runs never lose
+a build), and writes a self-contained HTML report. Other verbs: ``report``, ``check``,
+``verify``, ``test``, ``collect``, ``gate`` (the pull-request quality gate), ``import``,
+``export``, ``backfill`` and ``prune``; ``track_metrics.py VERB --help`` describes each.
 
 Three ways to run it, all from this one file:
 
