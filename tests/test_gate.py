@@ -348,3 +348,34 @@ def test_gate_rules_are_validated(repo, tmp_path):
     result = tool(repo, "gate", "--local-db", str(tmp_path / "m.db"))
     assert result.returncode == 2
     assert "qualityGate.thresholds[0].noise" in result.stderr
+
+
+def test_the_gate_reads_its_baseline_from_the_base_branchs_artifact(repo, tmp_path):
+    """Unentropy's gate default: the history is the newest artifact of the base branch."""
+    from test_artifact_storage import TOKEN as ARTIFACT_TOKEN, BlobStore, FakeGitHub as FakeArtifacts
+    db = tmp_path / "m.db"
+    configure(repo, [{"metric": "coverage", "mode": "no-regression"}], mode="hard")
+    measure(repo, db, coverage=80, size=1000)
+    other = tmp_path / "other.db"  # a newer artifact of another branch, which must not be the baseline
+    measure(repo, other, coverage=70, size=1000)
+    blobs = BlobStore()
+    artifacts = FakeArtifacts(blobs)
+    try:
+        artifacts.publish(db, run_id=41, created="2026-11-01T00:00:00Z")
+        artifacts.publish(other, branch="feature", run_id=42, created="2026-11-02T00:00:00Z")
+        git(repo, "checkout", "-q", "-b", "feature")
+        commit(repo, "F")
+        (repo / "coverage.txt").write_text("79\n")
+        outputs = repo.parent / "outputs.txt"
+        outputs.write_text("")
+        result = tool(repo, "gate", "--json", GITHUB_ACTIONS="true", GITHUB_TOKEN=ARTIFACT_TOKEN,
+                      GITHUB_REPOSITORY=artifacts.repository, GITHUB_API_URL=artifacts.url, GITHUB_BASE_REF="main",
+                      GITHUB_OUTPUT=str(outputs))
+        assert result.returncode == 1, result.stderr  # hard mode, a blocker failed
+        document = values_of(result)
+        assert document["metrics"][0]["baseline"] == 80 and document["referenceBranch"] == "main"
+        assert blobs.authorized_requests == 0
+    finally:
+        for server in (artifacts.server, blobs.server):
+            server.shutdown()
+            server.server_close()
