@@ -4145,12 +4145,18 @@ def backfill_commits(workdir: Path, since: str | None, last: int | None, every: 
     return commits[::-1][::every][::-1]  # every K-th, counted from the newest, which is always in
 
 
+WORKTREES = threading.Lock()
+
+
 def backfill_commit(commit: str, metrics: Sequence[MetricConfig], config: Config, params: "ActionParameters",
                     console: Console, environ: Mapping[str, str], root: Path, scratch: Path,
                     branch: str) -> list[ImportRecord]:
     """One commit, checked out into a temporary worktree, measured as a run would measure it."""
     tree = scratch / f"tree-{commit[:12]}"
-    if git(["worktree", "add", "--detach", "--force", str(tree), commit], root) is None:
+    with WORKTREES:  # git locks its worktree list: parallel adds would fail, not wait
+        added = subprocess.run(["git", "worktree", "add", "--detach", "--force", str(tree), commit], cwd=root,
+                               capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL).returncode == 0
+    if not added:
         console.warning(f"backfill: cannot check out {commit[:12]}; skipped")
         return []
     try:
@@ -4164,7 +4170,8 @@ def backfill_commit(commit: str, metrics: Sequence[MetricConfig], config: Config
         return [ImportRecord(outcome.id, moment, outcome.value, commit, branch, build.run_id, 0, units[outcome.id])
                 for outcome in outcomes if outcome.ok]
     finally:
-        git(["worktree", "remove", "--force", str(tree)], root)
+        with WORKTREES:
+            git(["worktree", "remove", "--force", str(tree)], root)
 
 
 def backfill_command(args: argparse.Namespace, params: "ActionParameters", config: Config, console: Console,
