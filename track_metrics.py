@@ -87,6 +87,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -1671,6 +1672,16 @@ class LocalStorage:
         """Local files are the user's own; no backup copy is made."""
 
 
+def open_storage(params: "ActionParameters", console: Console, environ: Mapping[str, str], workspace: Path,
+                 writer: str) -> "S3Storage | LocalStorage | ArtifactStorage":
+    """The storage the parameters name: the one place that chooses between the three."""
+    if params.storage_type == "sqlite-artifact":
+        return ArtifactStorage(params, console, environ, workspace)
+    if params.local_db is not None:
+        return LocalStorage(params.local_db, console)
+    return S3Storage(params, console, writer, environ)
+
+
 def replace_file(source: Path, target: Path) -> None:
     """Copy `source` over `target` atomically and durably: readers see the old file or the
     new one, and a crash leaves at most a staging file (removed by the next locked run)."""
@@ -2665,14 +2676,9 @@ def folder_size(path: Path) -> int:
         if stats.st_ino not in seen:
             seen.add(stats.st_ino)
             total += stats.st_size
-        if stat_is_dir(stats):
+        if stat.S_ISDIR(stats.st_mode):
             pending += [os.path.join(item, name) for name in os.listdir(item)]
     return total
-
-
-def stat_is_dir(stats: os.stat_result) -> bool:
-    import stat
-    return stat.S_ISDIR(stats.st_mode)
 
 
 def collect_size(paths: Sequence[str], sources: Sequence[str] | None, base: Path) -> int:
@@ -2726,7 +2732,7 @@ def js_number(text: str) -> float:
     if not text:
         return 0.0
     try:
-        return float(text) if re.fullmatch(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", text) else math.nan
+        return float(text) if JS_FLOAT.fullmatch(text) and "Infinity" not in text else math.nan
     except ValueError:
         return math.nan
 
@@ -3778,17 +3784,13 @@ def gate_values(settings: GateSettings, params: ActionParameters, config: Config
 
 def read_database(params: ActionParameters, console: Console, environ: Mapping[str, str],
                   workspace: Path, branch: str) -> Path | None:
-    """The stored database, downloaded read-only (never created, never uploaded)."""
-    target = workspace / "gate.db"
-    if params.storage_type == "sqlite-artifact":
-        storage: Any = ArtifactStorage(dataclasses.replace(params, artifact_branch=params.artifact_branch or branch),
-                                       console, environ, workspace)
-    elif params.local_db is not None:
-        storage = LocalStorage(params.local_db, console)
-    else:
-        storage = S3Storage(params, console, uuid.uuid4().hex, environ)
+    """The stored database, downloaded read-only (never created, never uploaded); artifacts
+    are those of `branch` unless the parameters name one."""
+    target = workspace / "stored.db"
+    storage = open_storage(dataclasses.replace(params, artifact_branch=params.artifact_branch or branch),
+                           console, environ, workspace, uuid.uuid4().hex)
     if storage.fetch(target) is None:
-        console.info(f"gate: {storage.location} does not exist yet: no baseline")
+        console.info(f"{storage.location} does not exist yet")
         return None
     check_database(target, "full" if params.integrity == "full" else "quick")  # read-only: quick suffices
     return target
@@ -4356,14 +4358,9 @@ class TrackingRun:
 
     def download(self) -> None:
         with self.phase("download") as phase:
-            if self.params.storage_type == "sqlite-artifact":
-                self.storage = ArtifactStorage(self.params, self.console, self.environ, self.workspace)
-            elif self.params.local_db is not None:
-                self.storage = LocalStorage(self.params.local_db, self.console)
-                if self.command == "run":
-                    self.storage.lock()
-            else:
-                self.storage = S3Storage(self.params, self.console, self.writer, self.environ)
+            self.storage = open_storage(self.params, self.console, self.environ, self.workspace, self.writer)
+            if isinstance(self.storage, LocalStorage) and self.command in ("run", "import", "prune"):
+                self.storage.lock()
             self.fetch_expected()
             if isinstance(self.storage, ArtifactStorage):
                 self.result.artifact = {"name": self.storage.name, "path": str(self.storage.path),
@@ -4681,62 +4678,65 @@ class TrackingRun:
             successor.unlink(missing_ok=True)
 
     def apply_build(self) -> tuple[str, str, int]:
-        """Add this run's build to the base database (a conflict downloads a new base, so it is
-        moved, not copied: at hundreds of MB a copy costs), and ready it for upload."""
+        """Apply this run's change to the base database (a conflict downloads a new base, so it
+        is moved, not copied: at hundreds of MB a copy costs), and ready it for upload. The
+        change is the verb's: a build (run), records (import) or removals (prune)."""
         os.replace(self.base, self.working)
-        self.keep_workspace = True  # from here on the collected data exists only locally
+        self.keep_workspace = True  # from here on the change exists only locally
+        change = {"run": self.record_run, "import": self.record_imports, "prune": self.record_prune}[self.command]
         connection = open_database(self.working)
-        if self.command == "prune":
-            try:
-                connection.execute("PRAGMA journal_mode=DELETE")
-                removed = prune_plan(connection, self.pruning, now_utc())  # on this attempt's base
-                values = apply_prune(connection, removed)
-                self.generation = bump_generation(connection)
-                if self.pruning.vacuum:
-                    connection.execute("VACUUM")
-            finally:
-                connection.close()
-            self.console.info(f"prune: removed {count(len(removed), 'build')} and {count(values, 'value')}")
-            return prepare_upload(self.working, "full" if self.params.integrity == "full" else "quick")
-        if self.command == "import":
-            try:
-                connection.execute("PRAGMA journal_mode=DELETE")
-                added, refused = apply_imports(connection, self.imports)
-                self.generation = bump_generation(connection)
-            finally:
-                connection.close()
-            for why in refused:
-                self.console.warning(f"import: not recorded: {why}")
-            self.console.info(f"import: {count(added, 'new value')} added")
-            return prepare_upload(self.working, "full" if self.params.integrity == "full" else "quick")
         try:
             connection.execute("PRAGMA journal_mode=DELETE")
-            build_id, skipped = record_build(connection, self.build, self.config.metrics, self.values)
+            done = change(connection)
             self.generation = bump_generation(connection)
-            orphans = connection.execute(  # the foreign keys of what this run added, not the whole file's
-                "SELECT COUNT(*) FROM metric_values v LEFT JOIN metric_definitions d ON d.id = v.metric_id"
-                " LEFT JOIN build_contexts b ON b.id = v.build_id WHERE v.build_id = ? AND"
-                " (d.id IS NULL OR b.id IS NULL)", (build_id,)).fetchone()[0]
+            if self.command == "prune" and self.pruning.vacuum:
+                connection.execute("VACUUM")
         except sqlite3.Error as exc:
-            raise TrackMetricsError("DB_WRITE_FAILED", f"recording the build failed: {exc}; "
+            raise TrackMetricsError("DB_WRITE_FAILED", f"changing the database failed: {exc}; "
                                     f"{UNTOUCHED.replace(' (see --on-corrupt)', '')}") from exc
         finally:
             connection.close()
-        for metric, reason in skipped.items():
-            self.console.warning(f"metric {metric} {reason}")
-            self.result.metrics_failed[metric] = reason
-        self.result.metrics_collected = [m for m in self.result.metrics_collected if m not in skipped]
-        self.recorded = {m: v for m, v in self.values.items() if m not in skipped}
-        if not self.recorded:
-            self.keep_workspace = False
-            raise TrackMetricsError("COLLECT_NOTHING", "no collected value could be recorded (see "
-                                    "the warnings above); nothing was uploaded", type="collection")
-        if orphans:
-            raise TrackMetricsError("DB_CORRUPT", f"{orphans} of this build's values lost their metric or "
-                                    "build row; nothing was uploaded")
+        done()
         check_upload_size(self.working.stat().st_size)
-        # A few inserts into a checked file: quick_check and the schema suffice, unless asked for more.
+        # A few changes to a checked file: quick_check and the schema suffice, unless asked for more.
         return prepare_upload(self.working, "full" if self.params.integrity == "full" else "quick")
+
+    def record_run(self, connection: sqlite3.Connection) -> Callable[[], None]:
+        build_id, skipped = record_build(connection, self.build, self.config.metrics, self.values)
+        orphans = connection.execute(  # the foreign keys of what this run added, not the whole file's
+            "SELECT COUNT(*) FROM metric_values v LEFT JOIN metric_definitions d ON d.id = v.metric_id"
+            " LEFT JOIN build_contexts b ON b.id = v.build_id WHERE v.build_id = ? AND"
+            " (d.id IS NULL OR b.id IS NULL)", (build_id,)).fetchone()[0]
+
+        def done() -> None:
+            for metric, reason in skipped.items():
+                self.console.warning(f"metric {metric} {reason}")
+                self.result.metrics_failed[metric] = reason
+            self.result.metrics_collected = [m for m in self.result.metrics_collected if m not in skipped]
+            self.recorded = {m: v for m, v in self.values.items() if m not in skipped}
+            if not self.recorded:
+                self.keep_workspace = False
+                raise TrackMetricsError("COLLECT_NOTHING", "no collected value could be recorded (see "
+                                        "the warnings above); nothing was uploaded", type="collection")
+            if orphans:
+                raise TrackMetricsError("DB_CORRUPT", f"{orphans} of this build's values lost their metric "
+                                        "or build row; nothing was uploaded")
+        return done
+
+    def record_imports(self, connection: sqlite3.Connection) -> Callable[[], None]:
+        added, refused = apply_imports(connection, self.imports)
+
+        def done() -> None:
+            for why in refused:
+                self.console.warning(f"import: not recorded: {why}")
+            self.console.info(f"import: {count(added, 'new value')} added")
+        return done
+
+    def record_prune(self, connection: sqlite3.Connection) -> Callable[[], None]:
+        removed = prune_plan(connection, self.pruning, now_utc())  # on this attempt's base
+        values = apply_prune(connection, removed)
+        return lambda: self.console.info(f"prune: removed {count(len(removed), 'build')} and "
+                                         f"{count(values, 'value')}")
 
     def report(self) -> None:
         with self.phase("report") as phase:

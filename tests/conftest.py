@@ -245,3 +245,39 @@ def https_proxy(s3_server, tls_certificate):
     instance = FaultProxy(s3_server.endpoint, REGION, s3_server.keys, tls=context)
     yield instance
     instance.close()
+
+
+class JSONHandler:
+    """A mixin for the tests' fake HTTP APIs: a JSON answer, and no request log on stderr."""
+
+    def reply(self, status: int, document) -> None:
+        body = json.dumps(document).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve(handler, host: str = "127.0.0.1"):
+    """A threaded HTTP server for `handler` on a free port of `host`, and its base URL."""
+    import threading
+    from http.server import ThreadingHTTPServer
+    server = ThreadingHTTPServer((host, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://{host}:{server.server_address[1]}"
+
+
+def read_outputs(path: Path) -> dict[str, str]:
+    """The name<<DELIMITER blocks the tool appends to GITHUB_OUTPUT, as the runner reads them."""
+    outputs, lines = {}, path.read_text().splitlines() if path.exists() else []
+    index = 0
+    while index < len(lines):
+        name, delimiter = lines[index].split("<<", 1)
+        end = lines.index(delimiter, index + 1)
+        outputs[name] = "\n".join(lines[index + 1:end])
+        index = end + 1
+    return outputs

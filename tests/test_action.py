@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT, SIMPLE_METRICS, database_rows, get_object, write_config
+from conftest import read_outputs, ROOT, SIMPLE_METRICS, database_rows, get_object, write_config
 
 ACTION = yaml.safe_load((ROOT / "action.yml").read_text())
 UNENTROPY_INPUTS = {"storage-type", "s3-endpoint", "s3-bucket", "s3-region", "s3-access-key-id",
@@ -32,17 +32,6 @@ def render(text: str, inputs: dict[str, str]) -> str:
         assert expression.startswith("inputs."), expression
         return inputs[expression.removeprefix("inputs.")]
     return re.sub(r"\$\{\{(.*?)\}\}", value, text)
-
-
-def read_outputs(path: Path) -> dict[str, str]:
-    outputs, lines = {}, path.read_text().splitlines()
-    index = 0
-    while index < len(lines):
-        name, delimiter = lines[index].split("<<", 1)
-        end = lines.index(delimiter, index + 1)
-        outputs[name] = "\n".join(lines[index + 1:end])
-        index = end + 1
-    return outputs
 
 
 def run_action(tmp_path: Path, given: dict[str, str], github: dict[str, str], base_env: dict[str, str]):

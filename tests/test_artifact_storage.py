@@ -5,16 +5,15 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
-import threading
 import uuid
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import SIMPLE_METRICS, write_config
+from conftest import read_outputs, JSONHandler, serve, SIMPLE_METRICS, write_config
 
 TOKEN = "ghs_fakeTokenForTheArtifactTests0123456789"
 
@@ -27,7 +26,7 @@ class BlobStore:
         self.authorized_requests = 0
         store = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler, BaseHTTPRequestHandler):
             def do_GET(self):
                 if self.headers.get("Authorization"):
                     store.authorized_requests += 1
@@ -40,12 +39,8 @@ class BlobStore:
                 self.end_headers()
                 self.wfile.write(body or b"")
 
-            def log_message(self, *args):
-                pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.2", 0), Handler)
-        self.url = f"http://127.0.0.2:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve(Handler, "127.0.0.2")
 
 
 class FakeGitHub:
@@ -57,7 +52,7 @@ class FakeGitHub:
         self.blobs, self.repository = blobs, repository
         github = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler, BaseHTTPRequestHandler):
             def do_GET(self):
                 if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                     return self.reply(401, {"message": "Bad credentials"})
@@ -78,20 +73,9 @@ class FakeGitHub:
                     return None
                 return self.reply(404, {"message": "Not Found"})
 
-            def reply(self, status, document):
-                body = json.dumps(document).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
 
-            def log_message(self, *args):
-                pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve(Handler, "127.0.0.1")
 
     def publish(self, database: Path, *, branch: str = "main", run_id: int, created: str,
                 name: str = "unentropy-metrics", expired: bool = False) -> int:
@@ -124,16 +108,7 @@ def run_action(run_local, workdir: Path, github: FakeGitHub, *flags: str, **env:
                                "GITHUB_RUN_NUMBER": "1", "GITHUB_EVENT_NAME": "push",
                                "GITHUB_OUTPUT": str(outputs), **env})
     result = run_local("--json", "--no-report", *flags, env=environ, cwd=workdir)
-    values = {}
-    if outputs.exists():
-        lines = outputs.read_text().split("\n")
-        i = 0
-        while i < len(lines) - 1:
-            name, delimiter = lines[i].split("<<", 1)
-            end = lines.index(delimiter, i + 1)
-            values[name] = "\n".join(lines[i + 1:end])
-            i = end + 1
-    return result, values
+    return result, read_outputs(outputs)
 
 
 def builds(path: Path) -> list[tuple]:

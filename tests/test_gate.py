@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from conftest import TOOL, base_environment
+from conftest import read_outputs, JSONHandler, serve, TOOL, base_environment
 
 TOKEN = "ghs_gateTokenNeverShown0123456789abcdef"
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.test"]
@@ -47,14 +46,7 @@ def gate(repo: Path, db: Path, *args: str, **env: str) -> tuple[subprocess.Compl
     outputs = repo.parent / "outputs.txt"
     outputs.write_text("")
     result = tool(repo, "gate", "--local-db", str(db), "--json", *args, GITHUB_OUTPUT=str(outputs), **env)
-    values, lines = {}, outputs.read_text().split("\n")
-    index = 0
-    while index < len(lines) - 1:
-        name, delimiter = lines[index].split("<<", 1)
-        end = lines.index(delimiter, index + 1)
-        values[name] = "\n".join(lines[index + 1:end])
-        index = end + 1
-    return result, values
+    return result, read_outputs(outputs)
 
 
 @pytest.fixture
@@ -220,7 +212,7 @@ class FakeGitHub:
         self.bodies: list[str] = []
         github = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JSONHandler, BaseHTTPRequestHandler):
             def do_GET(self):
                 github.calls.append(("GET", self.path))
                 if not self.authorized():
@@ -252,19 +244,9 @@ class FakeGitHub:
                 self.reply(403, {"message": "Resource not accessible by integration"})
                 return False
 
-            def reply(self, status, document):
-                data = json.dumps(document).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
-            def log_message(self, *args):
-                pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve(Handler, "127.0.0.1")
 
 
 @pytest.fixture
