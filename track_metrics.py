@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -1902,8 +1903,13 @@ SCHEMA_DDL = (
     )
   )""",
     "CREATE INDEX IF NOT EXISTS idx_metric_value_build ON metric_values(build_id)",
-    # This tool's own bookkeeping (the upload generation); Unentropy ignores the table.
+    # This tool's own bookkeeping (the upload generation, the summary's seal) and the summary
+    # the report reads (see refresh_summary); Unentropy ignores both tables.
     "CREATE TABLE IF NOT EXISTS track_metrics_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS track_metrics_summary (
+    size INTEGER NOT NULL, metric_id TEXT NOT NULL, block INTEGER NOT NULL, n INTEGER NOT NULL,
+    lo REAL NOT NULL, lo_build INTEGER NOT NULL, hi REAL NOT NULL, hi_build INTEGER NOT NULL,
+    PRIMARY KEY (size, metric_id, block)) WITHOUT ROWID""",
 )
 REQUIRED_COLUMNS = {
     "schema_version": {"version"},
@@ -2135,6 +2141,150 @@ def bump_generation(connection: sqlite3.Connection) -> int:
         " DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)")
     return int(connection.execute(
         "SELECT value FROM track_metrics_state WHERE key = 'generation'").fetchone()[0])
+
+
+# The summary: per numeric metric and block of consecutive build ids, how many values the block
+# holds, its lowest and highest and which builds hold them — at two block sizes. Every change
+# this tool makes refreshes the blocks it touched, in the same file, so a report of 165,000
+# builds reads a few thousand rows instead of 3.3 million values. A file anyone else wrote (or
+# changed since) fails the seal's check: the report then reads the values, and this tool's next
+# change rebuilds the summary.
+SUMMARY_SIZES = (16, 256)
+NUMERIC_VALUES = ("SELECT metric_id, build_id, value_numeric FROM metric_values WHERE typeof(build_id) = 'integer'"
+                  " AND typeof(value_numeric) IN ('integer', 'real')")
+# The smallest blocks as rows (metric, first build id, n, lo, lo_build, hi, hi_build).
+SMALL_BLOCKS = (f"SELECT metric_id, block * {SUMMARY_SIZES[0]}, n, lo, lo_build, hi, hi_build"
+                f" FROM track_metrics_summary WHERE size = {SUMMARY_SIZES[0]}")
+
+
+def merge_block(block: list, other: Sequence) -> None:
+    """Fold `other` (n, lo, lo_build, hi, hi_build) into `block`; ties go to the older build."""
+    block[0] += other[0]
+    if other[1] < block[1] or (other[1] == block[1] and other[2] < block[2]):
+        block[1], block[2] = other[1], other[2]
+    if other[3] > block[3] or (other[3] == block[3] and other[4] < block[4]):
+        block[3], block[4] = other[3], other[4]
+
+
+def fold_blocks(rows: Iterator[Sequence], size: int) -> dict[tuple[str, int], list]:
+    """Blocks as larger blocks of `size` build ids: {(metric, block number): [n, lo, lo_build, hi, hi_build]}."""
+    blocks: dict[tuple[str, int], list] = {}
+    for metric_id, first, *values in rows:
+        key = (metric_id, first // size)
+        if key in blocks:
+            merge_block(blocks[key], values)
+        else:
+            blocks[key] = values
+    return blocks
+
+
+def fold_values(rows: Iterator[tuple[str, int, float]], size: int) -> dict[tuple[str, int], list]:
+    """(metric, build, value) rows as blocks — `fold_blocks` for single values, written out:
+    a database another tool wrote brings millions of them."""
+    blocks: dict[tuple[str, int], list] = {}
+    get = blocks.get
+    for metric_id, build_id, value in rows:
+        key = (metric_id, build_id // size)
+        block = get(key)
+        if block is None:
+            blocks[key] = [1, value, build_id, value, build_id]
+            continue
+        block[0] += 1
+        if value < block[1] or (value == block[1] and build_id < block[2]):
+            block[1], block[2] = value, build_id
+        if value > block[3] or (value == block[3] and build_id < block[4]):
+            block[3], block[4] = value, build_id
+    return blocks
+
+
+def watch_changes(connection: sqlite3.Connection) -> None:
+    """Note, for this connection only (TEMP triggers live in memory, never in the file), which
+    smallest summary blocks a change touches."""
+    size = SUMMARY_SIZES[0]
+    connection.execute("CREATE TEMP TABLE IF NOT EXISTS touched (block INTEGER PRIMARY KEY)")
+    for event, rows in (("INSERT", ("new",)), ("DELETE", ("old",)), ("UPDATE", ("old", "new"))):
+        actions = "".join(  # not OR IGNORE: an upsert's own conflict clause would override it
+            f"INSERT INTO touched SELECT CAST({row}.build_id AS INTEGER) / {size} WHERE NOT EXISTS (SELECT 1"
+            f" FROM touched WHERE block = CAST({row}.build_id AS INTEGER) / {size});" for row in rows)
+        connection.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS touched_{event.lower()} AFTER {event}"
+                           f" ON main.metric_values BEGIN {actions} END")
+
+
+def refresh_summary(connection: sqlite3.Connection, rebuild: bool) -> None:
+    """Bring the summary up to date with the blocks `watch_changes` noted (all of it when
+    `rebuild`, or when a change touched much of the history), in one transaction."""
+    base = SUMMARY_SIZES[0]
+    touched = [row[0] for row in connection.execute("SELECT block FROM temp.touched")]
+    last = connection.execute("SELECT COALESCE(MAX(id), 0) FROM build_contexts").fetchone()[0]
+    rebuild = rebuild or len(touched) > max(64, last // base // 4)
+    if not (rebuild or touched):
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        if rebuild:
+            connection.execute("DELETE FROM track_metrics_summary")
+        for size in SUMMARY_SIZES:  # the smallest from the values, each larger from the smallest
+            source, unit, column = (NUMERIC_VALUES, 1, "build_id") if size == base else (SMALL_BLOCKS, base, "block")
+            fold = fold_values if size == base else fold_blocks
+            blocks: dict[tuple[str, int], list] = {}
+            for block in [None] if rebuild else sorted({number * base // size for number in touched}):
+                if block is None:
+                    rows = connection.execute(source)
+                else:
+                    connection.execute("DELETE FROM track_metrics_summary WHERE size = ? AND block = ?", (size, block))
+                    rows = connection.execute(f"{source} AND {column} BETWEEN ? AND ?",
+                                              (block * size // unit, (block + 1) * size // unit - 1))
+                blocks.update(fold(rows, size))
+            connection.executemany(
+                "INSERT INTO track_metrics_summary (size, metric_id, block, n, lo, lo_build, hi, hi_build)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", ((size, m, b, *v) for (m, b), v in blocks.items()))
+        connection.execute("DELETE FROM temp.touched")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+
+
+def summary_seal(path: Path, connection: sqlite3.Connection, commits: int = 0) -> str:
+    """What the summary was made for: the file's change counter (SQLite increments it at every
+    committed write in rollback-journal mode, by anyone), its last value and its build count."""
+    with open(path, "rb") as handle:
+        header = handle.read(28)
+    if header[18:20] != b"\x01\x01":  # WAL mode: the counter is not kept
+        return ""
+    counter = (int.from_bytes(header[24:28], "big") + commits) % 2 ** 32
+    last, builds = connection.execute("SELECT (SELECT MAX(id) FROM metric_values),"
+                                      " (SELECT COUNT(*) FROM build_contexts)").fetchone()
+    return f"1 {counter} {last} {builds}"
+
+
+def summary_trusted(path: Path, connection: sqlite3.Connection) -> bool:
+    try:
+        stored = connection.execute("SELECT value FROM track_metrics_state WHERE key = 'summary'").fetchone()
+        return bool(stored) and stored[0] == summary_seal(path, connection) != ""
+    except sqlite3.Error:  # a file without this tool's tables
+        return False
+
+
+def seal_summary(path: Path, connection: sqlite3.Connection) -> None:
+    """The last write of a change: the seal the file will match once this commit counts."""
+    connection.execute("BEGIN IMMEDIATE")
+    connection.execute("INSERT INTO track_metrics_state (key, value) VALUES ('summary', ?) ON CONFLICT (key)"
+                       " DO UPDATE SET value = excluded.value", (summary_seal(path, connection, commits=1),))
+    connection.execute("COMMIT")
+
+
+def build_summary(path: Path) -> None:
+    """Summarise a whole database (the benchmarks' and tests' histories, written directly)."""
+    connection = open_database(path)
+    try:
+        connection.execute("PRAGMA journal_mode=DELETE")
+        ensure_schema(connection)
+        watch_changes(connection)
+        refresh_summary(connection, rebuild=True)
+        seal_summary(path, connection)
+    finally:
+        connection.close()
 
 
 def count_builds(path: Path) -> int:
@@ -2929,7 +3079,7 @@ def run_collector(arguments: str, sources: Sequence[str] | None, base: Path, cwd
 
 @dataclass
 class Series:
-    """What the report shows of one metric."""
+    """What the report shows of one metric; builds are named by id."""
     id: str
     type: str
     unit: str | None
@@ -2937,61 +3087,66 @@ class Series:
     description: str | None
     direction: str
     count: int = 0
-    drawn: list[tuple[int, Any]] = field(default_factory=list)  # (build position, value) to draw
+    drawn: list[tuple[int, Any]] = field(default_factory=list)  # (build, value) to draw, in build order
     minimum: Any = None
     maximum: Any = None
-    last_two: list[Any] = field(default_factory=list)  # the previous and the latest value
-    recent: dict[int, Any] = field(default_factory=dict)  # build position → value, newest builds
+    last_two: list[tuple[int, Any]] = field(default_factory=list)  # the previous and the latest (build, value)
     changes: list[tuple[int, Any]] = field(default_factory=list)  # labels: the last changes
     change_count: int = 0
 
 
 class Builds:
-    """The builds a report covers, in time order, held compactly (a history of 100,000 builds
-    costs a few MB); the details of a build are read only for the few the report shows."""
+    """The builds a report covers: how many, their span and branches, the newest few, and the
+    details of the builds the report names, read by id when asked."""
 
-    def __init__(self, connection: sqlite3.Connection, branch: str | None):
-        from array import array
-        self.connection, self.times, self.ids, self.branch_of = connection, array("d"), array("q"), array("l")
-        self.branches: dict[str, int] = {}
-        self.details: dict[int, tuple[str, str, Any, str]] = {}  # position → commit, branch, run, time
+    def __init__(self, connection: sqlite3.Connection, branch: str | None, recent: int = 20):
+        self.connection, self.filter = connection, (" AND b.branch = ?", (branch,)) if branch else ("", ())
         where, arguments = (" WHERE branch = ?", (branch,)) if branch else ("", ())
-        self.span = ["", ""]
-        for build_id, timestamp, name in connection.execute(
-                f"SELECT id, timestamp, branch FROM build_contexts{where} ORDER BY timestamp, id", arguments):
-            self.ids.append(build_id)
-            self.times.append(parse_time(timestamp))
-            self.branch_of.append(self.branches.setdefault(str(name), len(self.branches)))
-            self.span[0] = self.span[0] or str(timestamp)
-            self.span[1] = str(timestamp)
-        self.position = {build_id: index for index, build_id in enumerate(self.ids)}
-        self.in_order = all(a < b for a, b in zip(self.ids, self.ids[1:]))  # then no sorting
+        self.total, first, last = connection.execute(
+            f"SELECT COUNT(*), MIN(timestamp), MAX(timestamp) FROM build_contexts{where}", arguments).fetchone()
+        self.span = [str(first or ""), str(last or "")]
+        self.branches = [str(name) for (name,) in connection.execute(
+            f"SELECT DISTINCT branch FROM build_contexts{where} ORDER BY branch", arguments)]
+        self.details: dict[int, tuple[str, str, Any, str]] = {}  # id → commit, branch, run, time
+        self.newest = [build_id for (build_id,) in connection.execute(  # idx_build_timestamp holds (time, id)
+            f"SELECT id FROM build_contexts{where} ORDER BY timestamp DESC, id DESC LIMIT ?", (*arguments, recent))]
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.total
 
-    def describe(self, positions: Iterator[int]) -> None:
+    def describe(self, ids: Iterator[int]) -> None:
         """Read the details of these builds (in chunks: SQLite limits a query's parameters)."""
-        wanted = sorted(set(positions) - set(self.details))
+        wanted = sorted(set(ids) - set(self.details))
         for start in range(0, len(wanted), 500):
-            chunk = {self.ids[position]: position for position in wanted[start:start + 500]}
+            chunk = wanted[start:start + 500]
             for build_id, commit, branch, run_number, timestamp in self.connection.execute(
                     "SELECT id, commit_sha, branch, run_number, timestamp FROM build_contexts WHERE id IN"
-                    f" ({','.join('?' * len(chunk))})", list(chunk)):
-                self.details[chunk[build_id]] = (str(commit), str(branch), run_number, str(timestamp))
+                    f" ({','.join('?' * len(chunk))})", chunk):
+                self.details[build_id] = (str(commit), str(branch), run_number, str(timestamp))
+
+    def time(self, build_id: int) -> float:
+        return parse_time(self.details[build_id][3])
 
 
-def read_history(connection: sqlite3.Connection, configured: Sequence[MetricConfig],
+def read_history(path: Path, connection: sqlite3.Connection, configured: Sequence[MetricConfig],
                  branch: str | None = None, recent: int = 20,
-                 limit: int = 600) -> tuple[Builds, Iterator[Series]]:
-    """The builds in time order and, one metric at a time (memory follows one metric, not the
-    whole history), what the report needs of it: at most `limit` points to draw, while
-    count, minimum and maximum cover every value."""
-    builds = Builds(connection, branch)
-    position = builds.position
+                 limit: int = 1000) -> tuple[Builds, Iterator[Series], dict[tuple[str, int], Any]]:
+    """The builds, the newest builds' values and, one metric at a time, what the report needs of
+    it: at most about `limit` points to draw (each bucket's lowest and highest, and the latest),
+    while count, minimum and maximum cover every value. Numeric metrics come from the summary
+    when the file's seal vouches for it (a few thousand rows at any history size), otherwise —
+    and for one branch — from their values."""
+    builds = Builds(connection, branch, recent)
     by_id = {metric.id: metric for metric in configured}
     definitions = connection.execute(
         "SELECT id, type, unit, description FROM metric_definitions ORDER BY rowid").fetchall()
+    cells = dict(((str(metric_id), build_id), value) for build_id, metric_id, value in connection.execute(
+        "SELECT build_id, metric_id, CASE WHEN typeof(value_numeric) IN ('integer', 'real') THEN value_numeric"
+        " WHEN typeof(value_label) = 'text' THEN value_label END FROM metric_values WHERE build_id IN"
+        f" ({','.join('?' * len(builds.newest))})", builds.newest) if value is not None)
+    summarised = not branch and summary_trusted(path, connection)
+    size = max([s for s in SUMMARY_SIZES if builds.total // s >= limit // 4] or [0])
+    filter_sql, filter_arguments = builds.filter
 
     def series() -> Iterator[Series]:
         for metric_id, kind, unit, description in definitions:
@@ -3001,45 +3156,61 @@ def read_history(connection: sqlite3.Connection, configured: Sequence[MetricConf
                           (metric.description if metric and metric.description else None) or description,
                           metric.direction if metric else "neutral")
             column, types = ("value_numeric", "'integer', 'real'") if kind == "numeric" else ("value_label", "'text'")
-            rows = connection.execute(  # typeof: the file is untrusted, its columns may hold anything
-                f"SELECT build_id, {column} FROM metric_values WHERE metric_id = ?"
-                f" AND typeof({column}) IN ({types}) ORDER BY build_id", (metric_id,))
-            points = [(position[build_id], value) for build_id, value in rows if build_id in position]
-            if not builds.in_order:
-                points.sort()
-            summarise(item, points, len(builds), recent, limit)
+            in_time_order = (  # CROSS JOIN: walk the index on (timestamp, id), find each build's value by key
+                f"SELECT b.id, v.{column} FROM build_contexts b CROSS JOIN metric_values v ON v.metric_id = ?"
+                f" AND v.build_id = b.id WHERE typeof(v.{column}) IN ({types}){filter_sql} ORDER BY b.timestamp")
+            if kind != "numeric":  # labels: every value, in time order, for the changes
+                label_changes(item, connection.execute(f"{in_time_order}, b.id", (metric_id, *filter_arguments)))
+                yield item
+                continue
+            item.last_two = connection.execute(f"{in_time_order} DESC, b.id DESC LIMIT 2",
+                                               (metric_id, *filter_arguments)).fetchall()[::-1]
+            if summarised and size:
+                blocks = connection.execute(
+                    "SELECT n, lo, lo_build, hi, hi_build FROM track_metrics_summary WHERE size = ?"
+                    " AND metric_id = ? ORDER BY block", (size, metric_id)).fetchall()
+            else:
+                rows = connection.execute(
+                    f"SELECT v.metric_id, v.build_id, v.value_numeric FROM metric_values v"
+                    f"{' JOIN build_contexts b ON b.id = v.build_id' if filter_sql else ''} WHERE v.metric_id = ?"
+                    f" AND typeof(v.build_id) = 'integer' AND typeof(v.value_numeric) IN ('integer', 'real')"
+                    f"{filter_sql}", (metric_id, *filter_arguments))
+                folded = fold_values(rows, max(1, builds.total // limit))
+                blocks = [folded[key] for key in sorted(folded)]
+            summarise_blocks(item, blocks, limit)
             yield item
-    return builds, series()
+    return builds, series(), cells
 
 
-def summarise(item: Series, points: list[tuple[int, Any]], builds: int, recent: int, limit: int) -> None:
-    """Fill `item` from its (build position, value) points, in build order."""
-    item.count = len(points)
-    item.last_two = [value for _, value in points[-2:]]
-    item.recent = {index: value for index, value in points[-recent:] if index >= builds - recent}
-    if item.type == "numeric":
-        values = [value for _, value in points]
-        item.minimum, item.maximum = (min(values), max(values)) if values else (None, None)
-        item.drawn = downsample(points, limit)
+def label_changes(item: Series, points: Iterator[tuple[int, Any]]) -> None:
+    """A label metric from its (build, value) points in time order: the changes, the last two."""
+    changes: collections.deque = collections.deque(maxlen=10)
+    for build_id, value in points:
+        if not item.count or value != item.last_two[-1][1]:
+            changes.append((build_id, value))
+            item.change_count += 1
+        item.last_two = [*item.last_two[-1:], (build_id, value)]
+        item.count += 1
+    item.changes = list(changes)
+
+
+def summarise_blocks(item: Series, blocks: Sequence[Sequence], limit: int) -> None:
+    """Count, minimum and maximum of every value, and at most about `limit` points to draw: the
+    lowest and highest of each bucket of consecutive blocks (spikes survive), and the latest."""
+    if not blocks:
         return
-    changes = [(index, value) for number, (index, value) in enumerate(points)
-               if number == 0 or points[number - 1][1] != value]
-    item.change_count, item.changes = len(changes), changes[-10:]
-
-
-def downsample(points: Sequence[tuple[int, float]], limit: int = 1000) -> list[tuple[int, float]]:
-    """At most `limit` points for drawing: the min and max of each bucket, so spikes survive."""
-    if len(points) <= limit:
-        return list(points)
-    buckets, kept = limit // 2, []
-    values = [value for _, value in points]
-    for bucket in range(buckets):
-        start, end = bucket * len(points) // buckets, (bucket + 1) * len(points) // buckets
-        chunk = values[start:end]  # min/max/index run in C: this is the hot loop of big reports
-        if chunk:
-            low, high = start + chunk.index(min(chunk)), start + chunk.index(max(chunk))
-            kept.extend(points[index] for index in sorted({low, high}))
-    return kept
+    item.count = sum(block[0] for block in blocks)
+    item.minimum = min(block[1] for block in blocks)
+    item.maximum = max(block[3] for block in blocks)
+    buckets = max(1, limit // 2 - 1)
+    chunks = ([blocks[i * len(blocks) // buckets:(i + 1) * len(blocks) // buckets] for i in range(buckets)]
+              if len(blocks) > buckets else [[block] for block in blocks])
+    drawn: dict[int, Any] = {}
+    for chunk in chunks:
+        low, high = min(chunk, key=lambda block: block[1]), max(chunk, key=lambda block: block[3])
+        drawn[low[2]], drawn[high[4]] = low[1], high[3]
+    drawn.update(item.last_two[-1:])
+    item.drawn = sorted(drawn.items())
 
 
 def count(number: int, noun: str) -> str:
@@ -3264,45 +3435,45 @@ def csp_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
-def render_report(builds: Builds, series: Iterator[Series], generated: dt.datetime,
-                  title: str, branch: str | None = None, recent: int = 20, mode: str = "auto",
+def render_report(builds: Builds, series: Iterator[Series], cells: Mapping[tuple[str, int], Any],
+                  generated: dt.datetime, title: str, branch: str | None = None, mode: str = "auto",
                   sections: Sequence = ()) -> tuple[str, list[list[str]]]:
     """The report as one HTML document — nothing is loaded from anywhere — and the job
     summary's rows (metric, latest, previous, change). `sections` (Unentropy's
-    report.sections) group the cards under headings; metrics in no section come last."""
+    report.sections) group the cards under headings; metrics in no section come last.
+    `cells` are the newest builds' values, by (metric, build)."""
     esc = html.escape
-    times = builds.times
-    first_recent = max(0, len(builds) - recent)
-    cells: dict[tuple[str, int], str] = {}
     cards, labels, summary, shown = [], [], [], []
     card_of: dict[str, str] = {}
     names: dict[str, str] = {}
+    units: dict[str, str | None] = {}
     chart_data: dict[str, dict[str, list]] = {}
     referenced: set[int] = set()
     for item in series:
         if not item.count:
             continue
         shown.append(item.id)
-        names[item.id] = item.name
-        cells.update(((item.id, position), format_value(value, item.unit)) for position, value in item.recent.items())
+        names[item.id], units[item.id] = item.name, item.unit
         if item.type == "numeric":
-            drawn = [(times[position], value, position) for position, value in item.drawn]
+            builds.describe(build_id for build_id, _ in item.drawn)
+            drawn = sorted((builds.time(build_id), value, build_id)  # a value of a lost build is not drawn
+                           for build_id, value in item.drawn if build_id in builds.details)
             chart_data[item.id] = {"b": [p[2] for p in drawn], "v": [format_value(p[1], item.unit) for p in drawn],
                                    "r": [p[1] for p in drawn], "u": item.unit or "", "d": item.direction}
             referenced.update(p[2] for p in drawn)
             cards.append(_numeric_card(item, drawn))
             card_of[item.id] = cards[-1]
         else:
-            builds.describe(position for position, _ in item.changes)
+            builds.describe(build_id for build_id, _ in item.changes)
             labels.append(_label_card(item, builds))
             card_of[item.id] = labels[-1]
         summary.append(_summary_row(item))
-    builds.describe(range(first_recent, len(builds)))
-    builds.describe(referenced)
-    branches = list(builds.branches)
+    builds.describe(builds.newest)
+    branches = builds.branches
+    branch_index = {name: index for index, name in enumerate(branches)}
     data = {"branches": branches, "charts": chart_data, "builds": {
-        index: [builds.details[index][0][:7], builds.details[index][3][:16].replace("T", " "),
-                builds.branch_of[index]] for index in sorted(referenced)}}
+        build_id: [builds.details[build_id][0][:7], builds.details[build_id][3][:16].replace("T", " "),
+                   branch_index.get(builds.details[build_id][1], -1)] for build_id in sorted(referenced)}}
     data_json = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
     span = f"{esc(builds.span[0][:10])} → {esc(builds.span[1][:10])}" if len(builds) else "no builds yet"
     options = "".join(f'<option>{esc(name)}</option>' for name in sorted(branches))
@@ -3320,7 +3491,7 @@ def render_report(builds: Builds, series: Iterator[Series], generated: dt.dateti
         f'<option value="">all</option>{options}</select></label><label>Since '
         '<input type="date" id="tm-since"></label></p></header>'
         f'{_card_sections(card_of, cards + labels, sections)}'
-        f'{_builds_table(builds, shown, cells, first_recent, names)}</main>'
+        f'{_builds_table(builds, shown, cells, names, units)}</main>'
         '<div class="tip" id="tm-tip" hidden></div>'
         f'<script type="application/json" id="tm-data">{data_json}</script>'
         f'<script>{REPORT_JS}</script></body></html>\n')
@@ -3355,7 +3526,7 @@ def _card_head(item: Series, kind: str) -> str:
 
 
 def _numeric_card(item: Series, drawn: Sequence[tuple[float, float, int]]) -> str:
-    latest, previous = item.last_two[-1], (item.last_two[0] if len(item.last_two) > 1 else None)
+    latest, previous = item.last_two[-1][1], (item.last_two[0][1] if len(item.last_two) > 1 else None)
     change, delta = format_change(latest, previous, item.unit)
     mood = ""
     if delta and item.direction != "neutral":
@@ -3372,24 +3543,25 @@ def _label_card(item: Series, builds: Builds) -> str:
     esc = html.escape
     items = "".join(
         f'<li><code>{esc(str(value))}</code> <span class="muted">since '
-        f'{esc(builds.details[index][3][:16].replace("T", " "))} · {esc(builds.details[index][0][:7])}</span></li>'
-        for index, value in item.changes[::-1])
-    return (f'{_card_head(item, "label")}<div class="latest-value">{esc(str(item.last_two[-1]))}</div>'
+        f'{esc(builds.details[build_id][3][:16].replace("T", " "))} · {esc(builds.details[build_id][0][:7])}</span></li>'
+        for build_id, value in item.changes[::-1] if build_id in builds.details)
+    return (f'{_card_head(item, "label")}<div class="latest-value">{esc(str(item.last_two[-1][1]))}</div>'
             f'<div class="stats"><span>{count(item.change_count, "change")} in {count(item.count, "build")}</span></div>'
             f'<ol class="timeline">{items}</ol></article>')
 
 
-def _builds_table(builds: Builds, shown: Sequence[str], cells: Mapping[tuple[str, int], str],
-                  first: int, names: Mapping[str, str]) -> str:
+def _builds_table(builds: Builds, shown: Sequence[str], cells: Mapping[tuple[str, int], Any],
+                  names: Mapping[str, str], units: Mapping[str, str | None]) -> str:
     if not len(builds):
         return ""
     esc = html.escape
     head = "".join(f"<th>{esc(names.get(metric_id, metric_id))}</th>" for metric_id in shown)
     rows = []
-    for index in range(len(builds) - 1, first - 1, -1):
-        commit, branch, run_number, timestamp = builds.details[index]
+    for build_id in builds.newest:
+        commit, branch, run_number, timestamp = builds.details[build_id]
         when = str(timestamp)[:16].replace("T", " ")
-        values = "".join(f"<td>{esc(cells.get((metric_id, index), '–'))}</td>" for metric_id in shown)
+        values = "".join(f"<td>{esc(format_value(cells[metric_id, build_id], units[metric_id]))}</td>"
+                         if (metric_id, build_id) in cells else "<td>–</td>" for metric_id in shown)
         rows.append(f'<tr data-branch="{esc(str(branch))}" data-time="{esc(when)}"><td><code>'
                     f'{esc(str(commit)[:7])}</code></td><td>{esc(str(branch))}</td><td>#{esc(str(run_number))}'
                     f'</td><td>{esc(when)}</td>{values}</tr>')
@@ -3399,8 +3571,8 @@ def _builds_table(builds: Builds, shown: Sequence[str], cells: Mapping[tuple[str
 
 
 def _summary_row(item: Series) -> list[str]:
-    latest = item.last_two[-1]
-    previous = item.last_two[0] if len(item.last_two) > 1 else None
+    latest = item.last_two[-1][1]
+    previous = item.last_two[0][1] if len(item.last_two) > 1 else None
     if previous is None:
         change = "–"
     elif item.type == "numeric":
@@ -3425,8 +3597,8 @@ def write_report(database: Path, report_dir: Path, configured: Sequence[MetricCo
     """Write `<report_dir>/index.html` atomically; return its path and the job summary."""
     connection = open_database(database)
     try:
-        builds, series = read_history(connection, configured, branch)
-        document, rows = render_report(builds, series, now_utc(), title, branch, mode=mode, sections=sections)
+        builds, series, cells = read_history(database, connection, configured, branch)
+        document, rows = render_report(builds, series, cells, now_utc(), title, branch, mode, sections)
     finally:
         connection.close()
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -4687,10 +4859,15 @@ class TrackingRun:
         connection = open_database(self.working)
         try:
             connection.execute("PRAGMA journal_mode=DELETE")
+            ensure_schema(connection)
+            trusted = summary_trusted(self.working, connection)
+            watch_changes(connection)
             done = change(connection)
+            refresh_summary(connection, rebuild=not trusted)
             self.generation = bump_generation(connection)
             if self.command == "prune" and self.pruning.vacuum:
                 connection.execute("VACUUM")
+            seal_summary(self.working, connection)
         except sqlite3.Error as exc:
             raise TrackMetricsError("DB_WRITE_FAILED", f"changing the database failed: {exc}; "
                                     f"{UNTOUCHED.replace(' (see --on-corrupt)', '')}") from exc

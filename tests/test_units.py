@@ -206,25 +206,38 @@ def test_ticks_cover_the_range_with_round_steps(low, high):
     assert len(steps) == 1
 
 
-def test_downsample_keeps_spikes_and_bounds_size():
-    points = [(i, 1.0) for i in range(10_000)]
-    points[4321] = (4321, 999.0)
-    points[777] = (777, -50.0)
-    drawn = tm.downsample(points, 1000)
-    assert len(drawn) <= 1000
-    assert (4321, 999.0) in drawn and (777, -50.0) in drawn
-    assert [p[0] for p in drawn] == sorted(p[0] for p in drawn)
-    assert tm.downsample(points[:10], 1000) == points[:10]
+def numeric_series() -> tm.Series:
+    return tm.Series("m", "numeric", None, "m", None, "neutral")
 
 
-def test_summaries_use_every_point_and_the_newest_builds():
-    item = tm.Series("m", "numeric", None, "m", None, "neutral")
-    points = [(i, float(i % 7)) for i in range(0, 3000, 3)]  # a sparse metric: every third build
-    tm.summarise(item, points, builds=3000, recent=20, limit=100)
-    assert (item.count, item.minimum, item.maximum) == (1000, 0.0, 6.0)
-    assert item.last_two == [points[-2][1], points[-1][1]]
-    assert set(item.recent) == {2982, 2985, 2988, 2991, 2994, 2997}
-    assert len(item.drawn) <= 100
+def test_drawing_keeps_spikes_the_latest_point_and_bounds_size():
+    rows = [("m", build, 1.0) for build in range(1, 10_001)]
+    rows[4320], rows[776] = ("m", 4321, 999.0), ("m", 777, -50.0)
+    folded = tm.fold_values(iter(rows), 10)
+    item = numeric_series()
+    item.last_two = [(9999, 1.0), (10000, 1.0)]
+    tm.summarise_blocks(item, [folded[key] for key in sorted(folded)], 1000)
+    assert len(item.drawn) <= 1000
+    assert (4321, 999.0) in item.drawn and (777, -50.0) in item.drawn and item.drawn[-1] == (10000, 1.0)
+    assert (item.count, item.minimum, item.maximum) == (10_000, -50.0, 999.0)
+    few = numeric_series()
+    tm.summarise_blocks(few, [[1, float(b), b, float(b), b] for b in range(1, 11)], 1000)
+    assert few.drawn == [(b, float(b)) for b in range(1, 11)]
+
+
+def test_blocks_fold_alike_from_values_and_from_smaller_blocks_ties_to_the_older_build():
+    rows = [("m", build, float(build % 5)) for build in range(1, 500)] + [("n", 7, 3.0)]
+    small = tm.fold_values(iter(rows[::-1]), 16)
+    large = tm.fold_blocks(((m, block * 16, *values) for (m, block), values in small.items()), 256)
+    assert large == tm.fold_values(iter(rows), 256)
+    assert large["m", 0] == [255, 0.0, 5, 4.0, 4] and large["n", 0] == [1, 3.0, 7, 3.0, 7]
+
+
+def test_label_changes_are_counted_in_time_order_and_the_last_ten_kept():
     label = tm.Series("s", "label", None, "s", None, "neutral")
-    tm.summarise(label, [(0, "a"), (1, "a"), (2, "b"), (3, "b"), (4, "a")], builds=5, recent=20, limit=100)
+    tm.label_changes(label, iter([(0, "a"), (1, "a"), (2, "b"), (3, "b"), (4, "a")]))
     assert (label.count, label.change_count, label.changes) == (5, 3, [(0, "a"), (2, "b"), (4, "a")])
+    assert label.last_two == [(3, "b"), (4, "a")]
+    many = tm.Series("s", "label", None, "s", None, "neutral")
+    tm.label_changes(many, iter((n, str(n // 2)) for n in range(100)))
+    assert many.change_count == 50 and many.changes == [(n, str(n // 2)) for n in range(80, 100, 2)]
