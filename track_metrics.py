@@ -3108,6 +3108,7 @@ class Builds:
         self.branches = [str(name) for (name,) in connection.execute(
             f"SELECT DISTINCT branch FROM build_contexts{where} ORDER BY branch", arguments)]
         self.details: dict[int, tuple[str, str, Any, str]] = {}  # id → commit, branch, run, time
+        self.times: dict[int, float] = {}  # id → seconds
         self.newest = [build_id for (build_id,) in connection.execute(  # idx_build_timestamp holds (time, id)
             f"SELECT id FROM build_contexts{where} ORDER BY timestamp DESC, id DESC LIMIT ?", (*arguments, recent))]
 
@@ -3116,16 +3117,14 @@ class Builds:
 
     def describe(self, ids: Iterator[int]) -> None:
         """Read the details of these builds (in chunks: SQLite limits a query's parameters)."""
-        wanted = sorted(set(ids) - set(self.details))
+        wanted = sorted({build_id for build_id in ids if build_id not in self.details})
         for start in range(0, len(wanted), 500):
             chunk = wanted[start:start + 500]
             for build_id, commit, branch, run_number, timestamp in self.connection.execute(
                     "SELECT id, commit_sha, branch, run_number, timestamp FROM build_contexts WHERE id IN"
                     f" ({','.join('?' * len(chunk))})", chunk):
                 self.details[build_id] = (str(commit), str(branch), run_number, str(timestamp))
-
-    def time(self, build_id: int) -> float:
-        return parse_time(self.details[build_id][3])
+                self.times[build_id] = parse_time(timestamp)
 
 
 def read_history(path: Path, connection: sqlite3.Connection, configured: Sequence[MetricConfig],
@@ -3318,11 +3317,14 @@ def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str
     if t_high == t_low:
         t_low, t_high = t_low - 3600, t_high + 3600
 
+    x_scale = (width - left - right) / (t_high - t_low)
+    y_scale = (height - top - bottom) / ((y_high - y_low) or 1)
+
     def x(t: float) -> float:
-        return left + (t - t_low) / (t_high - t_low) * (width - left - right)
+        return left + (t - t_low) * x_scale
 
     def y(v: float) -> float:
-        return top + (1 - (v - y_low) / ((y_high - y_low) or 1)) * (height - top - bottom)
+        return top + (y_high - v) * y_scale
 
     esc = html.escape
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" data-metric="{esc(series.id)}" '
@@ -3341,7 +3343,7 @@ def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str
         moment = t_low + (t_high - t_low) * index / 3
         parts.append(f'<text class="tick" x="{x(moment):.1f}" y="{height - 6}" text-anchor='
                      f'"{("start", "middle", "middle", "end")[index]}">{label}</text>')
-    line = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v, _ in points)
+    line = " ".join(f"{left + (t - t_low) * x_scale:.1f},{top + (y_high - v) * y_scale:.1f}" for t, v, _ in points)
     parts.append(f'<polyline class="line" points="{line}"/>')
     last_t, last_v, _ = points[-1]
     parts.append(f'<circle class="latest" cx="{x(last_t):.1f}" cy="{y(last_v):.1f}" r="4.5">'
@@ -3456,8 +3458,9 @@ def render_report(builds: Builds, series: Iterator[Series], cells: Mapping[tuple
         names[item.id], units[item.id] = item.name, item.unit
         if item.type == "numeric":
             builds.describe(build_id for build_id, _ in item.drawn)
-            drawn = sorted((builds.time(build_id), value, build_id)  # a value of a lost build is not drawn
-                           for build_id, value in item.drawn if build_id in builds.details)
+            times = builds.times
+            drawn = sorted((times[build_id], value, build_id)  # a value of a lost build is not drawn
+                           for build_id, value in item.drawn if build_id in times)
             chart_data[item.id] = {"b": [p[2] for p in drawn], "v": [format_value(p[1], item.unit) for p in drawn],
                                    "r": [p[1] for p in drawn], "u": item.unit or "", "d": item.direction}
             referenced.update(p[2] for p in drawn)
