@@ -225,12 +225,11 @@ def test_drawing_keeps_spikes_the_latest_point_and_bounds_size():
     assert few.drawn == [(b, float(b)) for b in range(1, 11)]
 
 
-def test_blocks_fold_alike_from_values_and_from_smaller_blocks_ties_to_the_older_build():
+def test_values_fold_into_blocks_with_ties_to_the_older_build():
     rows = [("m", build, float(build % 5)) for build in range(1, 500)] + [("n", 7, 3.0)]
-    small = tm.fold_values(iter(rows[::-1]), 16)
-    large = tm.fold_blocks(((m, block * 16, *values) for (m, block), values in small.items()), 256)
-    assert large == tm.fold_values(iter(rows), 256)
-    assert large["m", 0] == [255, 0.0, 5, 4.0, 4] and large["n", 0] == [1, 3.0, 7, 3.0, 7]
+    blocks = tm.fold_values(iter(rows[::-1]), 256)
+    assert blocks == {("m", 0): [255, 0.0, 5, 4.0, 4], ("m", 1): [244, 0.0, 260, 4.0, 259],
+                      ("n", 0): [1, 3.0, 7, 3.0, 7]}
 
 
 def test_label_changes_are_counted_in_time_order_and_the_last_ten_kept():
