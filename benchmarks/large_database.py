@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sqlite3
+import sys
 import tempfile
 import time
 import uuid
@@ -68,7 +69,7 @@ print(time.perf_counter() - started)"""
 
 def bare_round_trip(endpoint: str, bucket: str, key: str, workdir: Path) -> tuple[float, float]:
     """A streaming GET and PUT through botocore, in a process of its own as the tool runs."""
-    seconds, peak, code = measure(["python3", "-c", BARE, endpoint, bucket, key, str(workdir / "bare.db")],
+    seconds, peak, code = measure([sys.executable, "-c", BARE, endpoint, bucket, key, str(workdir / "bare.db")],
                                   workdir, dict(os.environ, **KEYS))
     assert code == 0
     return seconds, peak
@@ -127,7 +128,7 @@ def main() -> None:
         for integrity, report, label in cases:
             result = workdir / "result.json"
             seconds, peak, code = measure(
-                ["sh", "-c", f'"$0" "$@" > {result}', "python3", str(TOOL), "--config", "unentropy.json",
+                ["sh", "-c", f'"$0" "$@" > {result}', sys.executable, str(TOOL), "--config", "unentropy.json",
                  "--endpoint", endpoint, "--bucket", bucket, "--region", "us-east-1", "--commit",
                  uuid.uuid4().hex, "--branch", "main", "--run-id", uuid.uuid4().hex[:8], "--integrity",
                  integrity, "--no-backup", "--json", *(() if report else ("--no-report",))],

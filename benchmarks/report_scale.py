@@ -67,7 +67,7 @@ def main() -> None:
             track_metrics.build_summary(database)
             summarising = time.perf_counter() - started
             generation, peak = generate(workdir, options.runs)
-            command = [measure(["python3", str(TOOL), "report", "--config", "unentropy.json", "--local-db",
+            command = [measure([sys.executable, str(TOOL), "report", "--config", "unentropy.json", "--local-db",
                                 "history.db"], workdir, tool_env(workdir)) for _ in range(options.runs)]
             assert all(code == 0 for _, _, code in command)
             html = (workdir / "unentropy-report" / "index.html").stat().st_size

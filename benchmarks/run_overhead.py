@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -45,7 +46,7 @@ def main() -> None:
             seed(s3, bucket, builds, workdir)
             times, peaks = [], []
             for run in range(options.runs + 1):
-                args = ["python3", str(TOOL), "--config", "unentropy.json", "--endpoint", endpoint,
+                args = [sys.executable, str(TOOL), "--config", "unentropy.json", "--endpoint", endpoint,
                         "--bucket", bucket, "--region", "us-east-1", "--commit", uuid.uuid4().hex,
                         "--branch", "main", "--run-id", str(run)]
                 seconds, peak, code = measure(args, workdir, tool_env(workdir))
