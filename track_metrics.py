@@ -2191,16 +2191,16 @@ def watch_changes(connection: sqlite3.Connection) -> None:
                            f" ON main.metric_values BEGIN {actions} END")
 
 
-def refresh_summary(connection: sqlite3.Connection, rebuild: bool) -> None:
+def refresh_summary(connection: sqlite3.Connection, rebuild: bool) -> str:
     """Bring the summary up to date with the blocks `watch_changes` noted (all of it when
-    `rebuild`, or when a change touched much of the history), in one transaction. SQLite does
-    the folding: a rebuild of 3.3 million values runs in a few MB."""
+    `rebuild`, or when a change touched much of the history), in one transaction, and say what
+    was done. SQLite does the folding: a rebuild of 3.3 million values runs in a few MB."""
     base = SUMMARY_SIZES[0]
     touched = [row[0] for row in connection.execute("SELECT block FROM temp.touched")]
     last = connection.execute("SELECT COALESCE(MAX(id), 0) FROM build_contexts").fetchone()[0]
     rebuild = rebuild or len(touched) > max(64, last // base // 4)
     if not (rebuild or touched):
-        return
+        return "unchanged"
     connection.execute("BEGIN IMMEDIATE")
     try:
         if rebuild:
@@ -2213,6 +2213,7 @@ def refresh_summary(connection: sqlite3.Connection, rebuild: bool) -> None:
     except BaseException:
         connection.execute("ROLLBACK")
         raise
+    return "rebuilt" if rebuild else f"{count(len(touched), 'block')} of {base} builds refreshed"
 
 
 def summarise_block(connection: sqlite3.Connection, size: int, below: int, block: int | None) -> None:
@@ -4857,7 +4858,8 @@ class TrackingRun:
             trusted = summary_trusted(self.working, connection)
             watch_changes(connection)
             done = change(connection)
-            refresh_summary(connection, rebuild=not trusted)
+            self.console.debug(f"  summary: {refresh_summary(connection, rebuild=not trusted)}"
+                               f"{'' if trusted else ' (the file was not sealed by this tool)'}")
             self.generation = bump_generation(connection)
             if self.command == "prune" and self.pruning.vacuum:
                 connection.execute("VACUUM")

@@ -130,15 +130,18 @@ def test_the_summary_gives_the_slow_ways_cards_through_runs_imports_reruns_and_p
         "value_numeric": value, "commit_sha": f"{n + 1:040x}", "branch": "main"}) + "\n"
         for n in range(120) for metric_id, value in (("coverage", 1.5 if n == 60 else 50 + n % 7),
                                                      ("bundle-size", 200_000 + n))))
-    result = run_local("import", str(history), "--config", write_config(tmp_path, {}), "--local-db", str(database))
+    result = run_local("import", str(history), "--config", write_config(tmp_path, {}), "--local-db", str(database),
+                       "--verbose")
     assert result.returncode == 0, result.output
+    assert "summary: rebuilt (the file was not sealed by this tool)" in result.stderr
     check_against_the_slow_way(database, tmp_path)
 
     for n, values in enumerate([{"coverage": 99.5}, {"bundle-size": 9_999_999}, {"coverage": 87},
                                 {"lines-of-code": -5, "build-status": "flaky"}]):
         result = run_local("--config", write_config(tmp_path, values), "--local-db", str(database),
-                           "--commit", f"{n:x}" * 40, "--run-id", f"new-{n}", "--branch", "main")
+                           "--commit", f"{n:x}" * 40, "--run-id", f"new-{n}", "--branch", "main", "--verbose")
         assert result.returncode == 0, result.output
+        assert "summary: 1 block of 16 builds refreshed" in result.stderr  # the seal held: no rebuild
         check_against_the_slow_way(database, tmp_path)
     # A re-run replaces a build's values: the old maximum 9,999,999 must leave the summary.
     result = run_local("--config", write_config(tmp_path, {}), "--local-db", str(database),
@@ -166,7 +169,8 @@ def test_a_file_changed_by_another_tool_is_read_from_its_values_until_the_next_r
     assert run_local("report", "--config", config, "--local-db", str(database)).returncode == 0
     check_against_the_slow_way(database, tmp_path, expect_summary=False)
     assert "max 123,456,789" in html_card(tmp_path, "lines-of-code")
-    assert run_local("--config", config, "--local-db", str(database)).returncode == 0
+    result = run_local("--config", config, "--local-db", str(database), "--verbose")
+    assert result.returncode == 0 and "summary: rebuilt" in result.stderr, result.output
     check_against_the_slow_way(database, tmp_path)  # rebuilt and sealed again
     assert "max 123,456,789" in html_card(tmp_path, "lines-of-code")
 
