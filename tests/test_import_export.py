@@ -52,6 +52,31 @@ def test_an_import_racing_runs_in_s3_loses_nothing_from_either(run_cli, proxy, s
     assert database_rows(data, tmp_path, "SELECT COUNT(*) FROM build_contexts") == [(35,)]
 
 
+def test_a_prune_racing_runs_in_s3_removes_only_what_it_planned(run_cli, proxy, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+    history = write_jsonl(tmp_path / "history.jsonl", records(30))  # January 2025: older than 100 days
+    imported = run_cli("import", history, "--config", str(config), *run_cli.s3_args(proxy.endpoint), "--no-report")
+    assert imported.returncode == 0, imported.output
+    base = [sys.executable, str(TOOL)]
+    processes = [subprocess.Popen([*base, "--config", str(config), *run_cli.s3_args(proxy.endpoint), "--no-report",
+                                   "--commit", uuid.uuid4().hex, "--branch", "main", "--run-id", f"run-{n}"],
+                                  env=run_cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for n in range(3)]
+    processes.append(subprocess.Popen([*base, "prune", "--older-than", "100", "--config", str(config),
+                                       *run_cli.s3_args(proxy.endpoint), "--report-dir", str(tmp_path / "report")],
+                                      env=run_cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for process in processes:
+        _, stderr = process.communicate(timeout=180)
+        assert process.returncode == 0, stderr
+    assert "removed 30 builds" in stderr
+    data = get_object(s3_server, bucket)
+    assert database_rows(data, tmp_path, "SELECT COUNT(*) FROM build_contexts WHERE event_name = 'import'") == [(0,)]
+    assert database_rows(data, tmp_path, "SELECT COUNT(*) FROM build_contexts") == [(4,)]  # every run's build
+    assert database_rows(data, tmp_path, "SELECT COUNT(*) FROM metric_values") == [(12,)]
+    assert get_object(s3_server, bucket, "unentropy-metrics.db.bak")  # the state before the last write
+
+
 def test_bad_lines_are_reported_by_number_and_strict_imports_nothing(run_local, tmp_path):
     database = tmp_path / "m.db"
     good = records(3)
