@@ -2155,7 +2155,8 @@ SUMMARY_SIZES = (16, 256)
 BLOCK_PARTS = {
     1: ("metric_values", "s.build_id", "1", "s.value_numeric", "s.value_numeric", "s.build_id", "s.build_id",
         "typeof(s.build_id) = 'integer' AND s.build_id >= 0 AND typeof(s.value_numeric) IN ('integer', 'real')"),
-    16: ("track_metrics_summary", "s.block", "s.n", "s.lo", "s.hi", "s.lo_build", "s.hi_build", "s.size = 16"),
+    SUMMARY_SIZES[0]: ("track_metrics_summary", "s.block", "s.n", "s.lo", "s.hi", "s.lo_build", "s.hi_build",
+                       f"s.size = {SUMMARY_SIZES[0]}"),
 }
 
 
@@ -2239,7 +2240,7 @@ def summarise_block(connection: sqlite3.Connection, size: int, below: int, block
 
 def summary_seal(path: Path, connection: sqlite3.Connection, commits: int = 0) -> str:
     """What the summary was made for: the file's change counter (SQLite increments it at every
-    committed write in rollback-journal mode, by anyone), its last value and its build count."""
+    committed write in rollback-journal mode, by anyone), its newest value's id, its build count."""
     with open(path, "rb") as handle:
         header = handle.read(28)
     if header[18:20] != b"\x01\x01":  # WAL mode: the counter is not kept
@@ -3079,7 +3080,7 @@ class Series:
     description: str | None
     direction: str
     count: int = 0
-    drawn: list[tuple[int, Any]] = field(default_factory=list)  # (build, value) to draw, in build order
+    drawn: list[tuple[int, Any]] = field(default_factory=list)  # (build, value) to draw, by build id
     minimum: Any = None
     maximum: Any = None
     last_two: list[tuple[int, Any]] = field(default_factory=list)  # the previous and the latest (build, value)
@@ -3136,6 +3137,7 @@ def read_history(path: Path, connection: sqlite3.Connection, configured: Sequenc
         " WHEN typeof(value_label) = 'text' THEN value_label END FROM metric_values WHERE build_id IN"
         f" ({','.join('?' * len(builds.newest))})", builds.newest) if value is not None)
     summarised = not branch and summary_trusted(path, connection)
+    # The largest block size that still gives 250 blocks (1,000 points' worth); fewer builds: values.
     size = max([s for s in SUMMARY_SIZES if builds.total // s >= limit // 4] or [0])
     filter_sql, filter_arguments = builds.filter
 
