@@ -2011,10 +2011,10 @@ class BuildContext:
 
 def record_build(connection: sqlite3.Connection, build: BuildContext,
                  metrics: Sequence[MetricConfig], values: Mapping[str, Any]) -> tuple[int, dict[str, str]]:
-    """Record one build's values, idempotent on (commit_sha, run_id): a re-run replaces them.
+    """Record one build's values (the schema exists: apply_build ensures it), idempotent on
+    (commit_sha, run_id): a re-run replaces them.
 
     Returns the build id and, per metric that could not be recorded, why."""
-    ensure_schema(connection)
     skipped: dict[str, str] = {}
     connection.execute("BEGIN IMMEDIATE")
     try:
@@ -2198,10 +2198,10 @@ def refresh_summary(connection: sqlite3.Connection, rebuild: bool) -> str:
     was done. SQLite does the folding: a rebuild of 3.3 million values runs in a few MB."""
     base = SUMMARY_SIZES[0]
     touched = [row[0] for row in connection.execute("SELECT block FROM temp.touched")]
-    last = connection.execute("SELECT COALESCE(MAX(id), 0) FROM build_contexts").fetchone()[0]
-    rebuild = rebuild or len(touched) > max(64, last // base // 4)
     if not (rebuild or touched):
         return "unchanged"
+    last = connection.execute("SELECT COALESCE(MAX(id), 0) FROM build_contexts").fetchone()[0]
+    rebuild = rebuild or len(touched) > max(64, last // base // 4)
     connection.execute("BEGIN IMMEDIATE")
     try:
         if rebuild:

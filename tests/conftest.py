@@ -182,14 +182,19 @@ def get_object(server: S3Server, bucket: str, key: str = "unentropy-metrics.db")
         return None
 
 
-def database_rows(data: bytes, tmp_path: Path, query: str) -> list[tuple]:
-    path = tmp_path / f"inspect-{uuid.uuid4().hex[:8]}.db"
-    path.write_bytes(data)
+def file_rows(path: Path, query: str) -> list[tuple]:
+    """The rows a query finds in a database file."""
     connection = sqlite3.connect(path)
     try:
         return connection.execute(query).fetchall()
     finally:
         connection.close()
+
+
+def database_rows(data: bytes, tmp_path: Path, query: str) -> list[tuple]:
+    path = tmp_path / f"inspect-{uuid.uuid4().hex[:8]}.db"
+    path.write_bytes(data)
+    return file_rows(path, query)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import uuid
 
-from conftest import SIMPLE_METRICS, TOOL, database_rows, get_object, write_config
+from conftest import SIMPLE_METRICS, TOOL, database_rows, file_rows as rows, get_object, write_config
 
 A, B = "a" * 40, "b" * 40
 
@@ -21,14 +21,6 @@ def records(count: int = 30) -> list[dict]:
 def write_jsonl(path, items) -> str:
     path.write_text("".join(json.dumps(item) + "\n" for item in items))
     return str(path)
-
-
-def rows(database, query):
-    connection = sqlite3.connect(database)
-    try:
-        return connection.execute(query).fetchall()
-    finally:
-        connection.close()
 
 
 def test_an_import_racing_runs_in_s3_loses_nothing_from_either(run_cli, proxy, s3_server, bucket, tmp_path):

@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 
 import track_metrics as tm
+from conftest import file_rows
 from history import make_history, metric_configs
 
 METRICS = metric_configs()  # coverage, bundle-size, lines-of-code, test-duration (numeric), build-status (label)
@@ -65,11 +66,7 @@ def sql_cards(database) -> tuple[dict, dict, bool]:
 
 
 def summary_rows(database) -> list[tuple]:
-    connection = sqlite3.connect(database)
-    try:
-        return connection.execute("SELECT * FROM track_metrics_summary ORDER BY size, metric_id, block").fetchall()
-    finally:
-        connection.close()
+    return file_rows(database, "SELECT * FROM track_metrics_summary ORDER BY size, metric_id, block")
 
 
 def html_card(tmp_path, metric_id: str) -> str:
