@@ -1325,6 +1325,47 @@ def iso_from_http_date(value: str) -> str:
 
 WRONG_PRECONDITIONS = (("If-None-Match: * on an existing object", {"If-None-Match": "*"}),
                        ("a wrong If-Match", {"If-Match": '"0123456789abcdef0123456789abcdef"'}))
+PROBE_BODY = b"track_metrics probe"
+ETAG_FORMS = ("quoted", "unquoted")  # as AWS documents If-Match; as Ceph RGW accepts it
+
+
+def etag_in(form: str, etag: str) -> str:
+    bare = etag.strip().strip('"')
+    return f'"{bare}"' if form == "quoted" else bare
+
+
+def same_etag(first: str | None, second: str | None) -> bool:
+    return bool(first and second) and first.strip().strip('"').lower() == second.strip().strip('"').lower()
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """How a provider's conditional requests work, learned once per endpoint by the probe and
+    remembered in the object's metadata (the stamp): which ETag form its If-Match accepts, and
+    whether it honours a copy's precondition (when not, every copy is checked afterwards)."""
+    etag_form: str
+    copy_checked: bool
+
+    def if_match(self, etag: str) -> str:
+        return etag_in(self.etag_form, etag)
+
+    def stamp(self, host: str) -> str:
+        return (f"honoured if-match={self.etag_form} "
+                f"copy-if-match={'honoured' if self.copy_checked else 'ignored'} {host}")
+
+    @classmethod
+    def from_stamp(cls, stamp: str | None, host: str) -> "Conditions | None":
+        found = re.fullmatch(r"honoured if-match=(quoted|unquoted) copy-if-match=(honoured|ignored) (\S+)",
+                             stamp or "")
+        if not found or found.group(3) != host:
+            return None  # another endpoint's, or an older tool's that never tried the right ETag
+        return cls(found.group(1), found.group(2) == "honoured")
+
+    def describe(self) -> str:
+        return (f"If-Match with the {self.etag_form} ETag"
+                + (" (as AWS documents it)" if self.etag_form == "quoted" else " (the server refuses it quoted)")
+                + "; copies: " + ("the precondition is honoured" if self.copy_checked
+                                  else "the precondition is ignored, so each copy is checked afterwards"))
 
 
 class S3Storage:
@@ -1341,6 +1382,7 @@ class S3Storage:
         self.http = S3Client(params, os.environ if environ is None else environ, console.warning)
         self._etag_mismatch: str | None = None  # SHA-256 of a download its ETag did not match
         self.landed = False  # the storage accepted this run's upload
+        self.conditions: Conditions | None = None  # learn_conditions: once per run
 
     def _call(self, action: str, method: str, key: str, **request: Any) -> tuple[int, dict, bytes]:
         self.console.debug(f"  {action} s3://{self.bucket}/{key}")
@@ -1444,17 +1486,21 @@ class S3Storage:
                    "x-amz-meta-writer": self.writer, "x-amz-meta-generation": str(generation)}
         if checked:  # the trust chain: the next run's download of these bytes needs only quick_check
             headers["x-amz-meta-checked"] = checked
-        if self.params.conditional_writes:
-            headers["x-amz-meta-conditional-writes"] = self.verdict
-            headers.update({"If-Match": require_etag(previous)} if previous else {"If-None-Match": "*"})
+        conditional = self.params.conditional_writes
+        if conditional:
+            conditions = self.learn_conditions(previous)
+            headers["x-amz-meta-conditional-writes"] = conditions.stamp(self.host)
+            headers.update({"If-Match": conditions.if_match(require_etag(previous))} if previous
+                           else {"If-None-Match": "*"})
         try:
             with open(path, "rb") as body:
                 response = self._call("PutObject", "PUT", self.key, headers=headers, body=body,
                                       body_sha256=sha256)[1]
-        except Conflict:
+        except Conflict as conflict:
             # A retried PUT can land and still answer 412: look before calling it a conflict.
             head = self.stat(self.key)
             if not self._is_ours(head, sha256):
+                self.refused_matching(conflict, head, previous, headers)
                 raise
             response = head
         except TrackMetricsError as exc:
@@ -1462,14 +1508,33 @@ class S3Storage:
                 raise Conflict("object deleted since download") from exc
             if not exc.retryable:
                 raise
-            # Every answer was lost or refused: the PUT may have landed all the same.
+            # Every answer was lost or refused (a race's loser can get a 500): the PUT may have
+            # landed all the same, or another run's may have, which is a conflict like a 412.
+            head = self.stat(self.key)
+            if conditional and not self._is_ours(head, sha256) and \
+                    not same_etag((head or {}).get("etag"), previous.etag if previous else None):
+                raise Conflict(f"{exc.code} while the object changed") from exc
             try:
-                return self._verify(sha256, size, generation, self.stat(self.key), successor_holds_build)
+                return self._verify(sha256, size, generation, head, successor_holds_build)
             except TrackMetricsError:
                 raise exc from None
         self.landed = True  # the storage accepted it; what follows only proves it
         return self._verify(sha256, size, generation, self.stat(self.key), successor_holds_build,
                             response)
+
+    def refused_matching(self, conflict: Conflict, head: dict | None, previous: DatabaseFile | None,
+                         headers: Mapping[str, str]) -> None:
+        """A 412 while the object is still the one the precondition named: no other run wrote,
+        the server refused a matching precondition. Retrying would only repeat it."""
+        if (head is None) != (previous is None) or (previous and not same_etag(head.get("etag"), previous.etag)):
+            return  # the object changed: a real conflict
+        sent = f"If-Match: {headers['If-Match']}" if "If-Match" in headers else "If-None-Match: *"
+        raise TrackMetricsError(
+            "S3_CONDITIONAL_WRITES_UNSUPPORTED", f"the storage refused {sent} ({conflict}) although "
+            f"{self.location} is still {'missing' if head is None else 'the object with that ETag'}: no other "
+            "run wrote it, the server refuses a matching precondition. Nothing was written; run "
+            "`track_metrics.py check` to see which conditional requests this endpoint accepts",
+            details={"sent": sent, "answer": str(conflict)}) from conflict
 
     def _is_ours(self, head: dict | None, sha256: str) -> bool:
         metadata = object_metadata(head or {})
@@ -1499,67 +1564,144 @@ class S3Storage:
             self.console.info("upload: a concurrent run has already updated the object after ours, "
                               "and its history holds this build")
             return result
+        self.landed = False  # whatever the storage accepted, the object does not hold this build
         raise TrackMetricsError(
-            "S3_UPLOAD_UNVERIFIED", f"{self.location} does not hold this run's build although "
-            f"the storage accepted the upload: it holds generation {successor[:20] or 'unknown'} "
-            "by another writer, not a successor with this build in it (the storage dropped the "
-            "write, or a writer without conditional writes replaced it)")
+            "S3_UPLOAD_UNVERIFIED", f"{self.location} does not hold this run's build: it holds "
+            f"generation {successor[:20] or 'unknown'} by another writer, not a successor with this "
+            "build in it (the storage dropped the write, or a writer without conditional writes "
+            "replaced it)")
 
     def copy(self, previous: DatabaseFile, target: str) -> None:
         """Server-side copy of the current object, only while it is still the one that was
         downloaded (412 if it changed). Never by version id: a slow run that lost the race
-        would copy an old version over a newer one."""
+        would copy an old version over a newer one. Where the server ignores the copy's
+        precondition, the copy is checked afterwards: a backup is never silently another object."""
         from urllib.parse import quote
         headers = {"x-amz-copy-source": f"/{self.bucket}/{quote(self.key, safe='/~')}",
                    "x-amz-metadata-directive": "COPY"}
         if previous.etag:
             headers["x-amz-copy-source-if-match"] = previous.etag
+        body = self._copy(headers, target)
+        if self.conditions is None or not self.conditions.copy_checked:
+            self.check_copy(previous, target, body)
+
+    def _copy(self, headers: Mapping[str, str], target: str) -> bytes:
         _, _, body = self._call("CopyObject", "PUT", target, headers=headers)
         if b"<Error>" in body[:512]:  # S3 can answer a failed copy with 200 and an error body
             error = parse_error(500, body)
             raise s3_error(error, "CopyObject", f"s3://{self.bucket}/{target}")
+        return body
+
+    def check_copy(self, previous: DatabaseFile, target: str, answer: bytes) -> None:
+        """The copy is the downloaded object: the same ETag, or (a multipart source's copy gets
+        a new one) the same SHA-256 in its metadata. Otherwise the source changed: a conflict."""
+        copied = re.search(rb"<ETag>([^<]*)</ETag>", answer)
+        if copied and same_etag(html.unescape(copied.group(1).decode("utf-8", "replace")), previous.etag):
+            return
+        head = self.stat(target)
+        if head and (same_etag(head.get("etag"), previous.etag)
+                     or object_metadata(head).get("sha256") == previous.sha256):
+            return
+        self.console.warning(f"s3://{self.bucket}/{target} is not the downloaded object (the source "
+                             "changed before the copy, and this server ignores a copy's precondition); "
+                             "copying again from the newer object")
+        raise Conflict("the copy's source changed")
 
     def backup(self, previous: DatabaseFile) -> None:
         """Keep the version about to be replaced as `<key>.bak`."""
         self.copy(previous, self.key + ".bak")
 
     @property
-    def verdict(self) -> str:
+    def host(self) -> str:
         from urllib.parse import urlsplit
-        return "honoured " + (urlsplit(self.params.s3.endpoint or "").hostname or "aws")
+        return urlsplit(self.params.s3.endpoint or "").hostname or "aws"
 
     @property
     def probe_key(self) -> str:
         return f"{self.key}.probe-{self.writer[:12]}"
 
-    def put_probe(self, **condition: str) -> bool:
-        """PUT the probe object; False when the provider refused the precondition (412/409)."""
-        try:
-            self._call("PutObject", "PUT", self.probe_key, headers=condition, body=b"track_metrics probe")
-            return True
-        except Conflict:
-            return False
+    def learn_conditions(self, expected: DatabaseFile | None) -> Conditions:
+        """How this endpoint's conditional writes work: the stamp of the object when it was
+        written through this endpoint, else the probe's answer. A provider that ignores
+        preconditions, or refuses the right one in every form, would lose builds: refused."""
+        if self.conditions is None:
+            self.conditions = Conditions.from_stamp(
+                (expected.metadata if expected else {}).get("conditional-writes"), self.host)
+        if self.conditions is None:
+            self.conditions, why = self.probe_conditions()
+            if self.conditions is None:
+                raise TrackMetricsError(
+                    "S3_CONDITIONAL_WRITES_UNSUPPORTED", f"{why}, so concurrent runs would silently "
+                    "overwrite each other's builds. Nothing was written. If only one run at a time "
+                    "ever writes this key (a CI concurrency group), pass --no-conditional-writes",
+                    type="storage")
+            self.console.debug(f"  conditional writes: {self.conditions.describe()}")
+        return self.conditions
 
-    def delete_probe(self) -> None:
-        self._call("DeleteObject", "DELETE", self.probe_key)
-
-    def probe_conditional_writes(self) -> list[str]:
-        """Which deliberately wrong preconditions the provider accepted (none is the only good
-        answer), tried on a probe object beside the database key, which is removed again."""
+    def put_probe(self) -> str:
+        """PUT the probe object; its ETag (the answer's, else a HEAD's)."""
         try:
-            self.put_probe()
+            headers = self._call("PutObject", "PUT", self.probe_key, body=PROBE_BODY)[1]
         except TrackMetricsError as exc:
             exc.message += (f"; the conditional-write check writes s3://{self.bucket}/{self.key}.probe-*: "
                             "grant s3:PutObject and s3:DeleteObject there too")
             raise
+        return headers.get("etag") or (self.stat(self.probe_key) or {}).get("etag", "")
+
+    def refusal(self, **condition: str) -> str:
+        """The answer to a conditional PUT of the probe object: "" when it was accepted."""
         try:
-            return [label for label, condition in WRONG_PRECONDITIONS if self.put_probe(**condition)]
+            self._call("PutObject", "PUT", self.probe_key, headers=condition, body=PROBE_BODY)
+            return ""
+        except Conflict as refused:
+            return f"{refused.__cause__.status} {refused}" if isinstance(refused.__cause__, S3Error) else str(refused)
+
+    def try_conditions(self, etag: str) -> tuple[Conditions | None, str]:
+        """On the probe object (ETag `etag`): wrong preconditions must be refused, the right one
+        accepted in one of its forms; then whether a copy's wrong precondition is refused.
+        The conditions, or None and why not (with the server's exact answers)."""
+        accepted = [label for label, condition in WRONG_PRECONDITIONS if not self.refusal(**condition)]
+        if accepted:
+            return None, f"the storage accepted {' and '.join(accepted)}: it ignores conditional writes"
+        answers = []
+        for form in ETAG_FORMS:
+            answer = self.refusal(**{"If-Match": etag_in(form, etag)})
+            if not answer:
+                break
+            answers.append(f"If-Match: {etag_in(form, etag)} got {answer}")
+        else:
+            return None, ("the storage refused If-Match with the object's own ETag in every form ("
+                          + "; ".join(answers) + ")")
+        from urllib.parse import quote
+        copy = self.probe_key + "-copy"
+        try:
+            self._copy({"x-amz-copy-source": f"/{self.bucket}/{quote(self.probe_key, safe='/~')}",
+                        "x-amz-copy-source-if-match": WRONG_PRECONDITIONS[1][1]["If-Match"]}, copy)
+            copy_checked = False
+            self.remove(copy)
+        except Conflict:
+            copy_checked = True
+        conditions = Conditions(form, copy_checked)
+        return conditions, conditions.describe()
+
+    def probe_conditions(self) -> tuple[Conditions | None, str]:
+        """try_conditions on a probe object beside the database key, which is removed again."""
+        etag = self.put_probe()
+        try:
+            return self.try_conditions(etag)
         finally:
-            try:
-                self.delete_probe()
-            except TrackMetricsError as exc:  # the verdict stands; only the tidying failed
-                self.console.warning(f"could not remove the probe object ({exc.code}); delete "
-                                     f"s3://{self.bucket}/{self.probe_key} or grant s3:DeleteObject")
+            self.remove(self.probe_key)
+
+    def delete(self, key: str) -> None:
+        self._call("DeleteObject", "DELETE", key)
+
+    def remove(self, key: str) -> None:
+        """Delete a probe object; a failure is only a warning (the verdict stands)."""
+        try:
+            self.delete(key)
+        except TrackMetricsError as exc:
+            self.console.warning(f"could not remove the probe object ({exc.code}); delete "
+                                 f"s3://{self.bucket}/{key} or grant s3:DeleteObject")
 
     def other_databases(self) -> list[str]:
         """The other `.db` objects in the key's folder (one ListObjectsV2 request)."""
@@ -4450,6 +4592,14 @@ def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+WRITING_VERBS = ("run", "import", "prune")  # backfill writes through import
+NO_CONDITIONAL_WRITES = (
+    "conditional writes are off (--no-conditional-writes): runs that upload at the same time can "
+    "lose each other's builds. Let only one job at a time write this key: on GitHub Actions, "
+    "`concurrency: {group: track-metrics, cancel-in-progress: false}` on the job; on GitLab CI, "
+    "`resource_group: track-metrics`")
+
+
 class TrackingRun:
     """One run: download → validate → collect → upload → report, each phase timed and logged."""
 
@@ -4504,7 +4654,7 @@ class TrackingRun:
         try:
             self.download()
             self.validate()
-            if command in ("run", "import", "prune"):
+            if command in WRITING_VERBS:
                 {"run": self.collect, "import": self.read_import, "prune": self.plan_prune}[command]()
                 if not (self.importing or self.pruning or PruneRequest()).dry_run:
                     self.upload()
@@ -4528,7 +4678,7 @@ class TrackingRun:
     def download(self) -> None:
         with self.phase("download") as phase:
             self.storage = open_storage(self.params, self.console, self.environ, self.workspace, self.writer)
-            if isinstance(self.storage, LocalStorage) and self.command in ("run", "import", "prune"):
+            if isinstance(self.storage, LocalStorage) and self.command in WRITING_VERBS:
                 self.storage.lock()
             self.fetch_expected()
             if isinstance(self.storage, ArtifactStorage):
@@ -4547,7 +4697,7 @@ class TrackingRun:
                                       etag=self.expected.etag)
                 self.console.info(f"download: {self.storage.location}: {self.expected.size:,} bytes, "
                                   f"sha256 {self.expected.sha256[:12]}…")
-            if self.command == "run":
+            if self.command in WRITING_VERBS:
                 self.check_conditional_writes(phase)
 
     def warn_other_databases(self) -> None:
@@ -4569,30 +4719,19 @@ class TrackingRun:
     def fetch_expected(self) -> None:
         """(Re)download the object the next upload must replace."""
         self.expected = self.storage.fetch(self.workspace / "downloaded.db")
-        if self.expected and self.command == "run" and isinstance(self.storage, S3Storage) \
+        if self.expected and self.command in WRITING_VERBS and isinstance(self.storage, S3Storage) \
                 and self.params.conditional_writes:
             require_etag(self.expected)  # before anything, a backup copy included, is written
 
     def check_conditional_writes(self, phase: WorkflowPhase) -> None:
-        """Refuse to write to a provider that silently ignores If-Match: it would lose builds.
-        The verdict travels in the object's metadata, so the probe runs once per endpoint."""
+        """Refuse, before anything is collected, to write to a provider whose conditional writes
+        do not work: it would lose builds (S3Storage.learn_conditions, once per endpoint)."""
         if not isinstance(self.storage, S3Storage):
             return
         if not self.params.conditional_writes:
-            self.console.warning("conditional writes are off (--no-conditional-writes): runs that "
-                                 "upload at the same time can lose each other's builds")
+            self.console.warning(NO_CONDITIONAL_WRITES)
             return
-        if (
-                self.expected and self.expected.metadata.get("conditional-writes") == self.storage.verdict):
-            return
-        accepted = self.storage.probe_conditional_writes()
-        phase.metadata["conditional_writes_probe"] = accepted or "honoured"
-        if accepted:
-            raise TrackMetricsError(
-                "S3_CONDITIONAL_WRITES_UNSUPPORTED", f"the storage accepted {' and '.join(accepted)}: "
-                "it ignores conditional writes, so concurrent runs would silently overwrite each "
-                "other's builds. Nothing was written. If only one run at a time ever writes this "
-                "key, pass --no-conditional-writes", type="storage")
+        phase.metadata["conditional_writes"] = self.storage.learn_conditions(self.expected).describe()
 
     def validate(self) -> None:
         with self.phase("validate") as phase:
@@ -4942,15 +5081,16 @@ class TrackingRun:
         uploaded = self.result.phase("upload").status == "completed"
         if self.keep_workspace and not uploaded and self.working.exists():
             rerun = (f"re-run with --commit {self.build.commit_sha} --run-id {self.build.run_id} "
-                     "(the same build is then replaced, never duplicated)")
+                     "(the same build is then replaced, never duplicated)") if self.build else \
+                "re-run the same command (what it adds is recorded once)"
             if self.storage is not None and self.storage.landed:
                 self.console.error(f"the storage accepted this run's upload, but it was not "
-                                   f"verified; the build is most likely stored. To make sure, "
-                                   f"{rerun}. The collected database is kept at {self.working}")
+                                   f"verified; the change is most likely stored. To make sure, "
+                                   f"{rerun}. The changed database is kept at {self.working}")
             else:
-                self.console.error(f"the collected database was not uploaded; it is kept at "
-                                   f"{self.working} so its data can be recovered; to record "
-                                   f"this build, {rerun}")
+                self.console.error(f"this run's change is not in the storage; the changed database "
+                                   f"is kept at {self.working} so its data can be recovered; to "
+                                   f"record it, {rerun}")
             return
         shutil.rmtree(self.workspace, ignore_errors=True)
 
@@ -5040,19 +5180,20 @@ def diagnose(storage: S3Storage) -> list[tuple[str, str, str]]:
     rows.extend((name, "ok", "") for name in names[:4])
     rows.append(("bucket region", "ok", bucket_region(storage)))
     try:
-        storage.put_probe()
+        etag = storage.put_probe()
     except TrackMetricsError as exc:
         return fail(names[4], exc.message)
     rows.append((names[4], "ok", ""))
-    try:
-        accepted = [label for label, condition in WRONG_PRECONDITIONS if storage.put_probe(**condition)]
-        rows.append((names[5], "FAILED" if accepted else "ok", (
-            f"the provider accepted {' and '.join(accepted)}; concurrent runs would lose builds: "
-            "use another provider or --no-conditional-writes with one writer at a time")
-            if accepted else ""))
+    try:  # a real update of an existing object: the right precondition passes, wrong ones do not
+        conditions, description = storage.try_conditions(etag)
+        rows.append((names[5], "ok", description) if conditions else (names[5], "FAILED", (
+            f"{description}; concurrent runs would lose builds: use another provider, or "
+            "--no-conditional-writes with one writer at a time (a CI concurrency group)")))
+    except TrackMetricsError as exc:
+        rows.append((names[5], "FAILED", exc.message))
     finally:
         try:
-            storage.delete_probe()
+            storage.delete(storage.probe_key)
             rows.append((names[6], "ok", ""))
         except TrackMetricsError as exc:
             rows.append((names[6], "FAILED", f"{exc.message}; remove s3://{storage.bucket}/"

@@ -81,6 +81,20 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def ceph_server():
+    """A real Ceph RADOS Gateway on loopback (tests/ceph_rgw.py). Where it cannot start, every
+    test that needs it fails and says why: a missing real server is never a silent skip."""
+    import ceph_rgw
+    try:
+        cluster = ceph_rgw.start()
+    except ceph_rgw.CephUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    keys = Keys(cluster.access_key_id, cluster.secret_access_key)
+    yield S3Server(cluster.endpoint, keys, read_only=None)
+    cluster.stop()
+
+
 @pytest.fixture
 def bucket(s3_server) -> str:
     name = f"metrics-{uuid.uuid4().hex[:12]}"

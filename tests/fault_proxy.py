@@ -8,6 +8,11 @@ the provider's guarantee so that concurrency tests test the tool, not moto's rac
 With `strict` (the default) the proxy also enforces what S3 enforces and moto does not: a PUT
 needs a Content-Length (411 MissingContentLength), a Content-MD5 must match the body (400
 BadDigest), and a copy's x-amz-copy-source-if-match must match the source's ETag (412).
+
+With `flavour="rgw"` it answers conditional requests as Ceph's RADOS Gateway 16.2 does (measured
+on a real one): If-Match with a quoted ETag is refused (412) and only the bare ETag matches,
+If-Match on a missing key is 412 (not 404), every fourth race loser (`loser_500_every`) gets
+500 UnknownError instead of 412, and a copy's x-amz-copy-source-if-match is ignored.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ class Rule:
     path: str  # a regular expression searched in the request path (with query)
     # status | reset_request | reset_after_forward | truncate | flip (the answer's body) |
     # flip_request (the request's body) | swallow (answer 200, store nothing) | drop_etag |
-    # stall | ignore_conditions | sign_sts | wrong_region
+    # stall | ignore_conditions | sign_sts | wrong_region | interlope (another writer puts the
+    # next of `payloads` to the same path just before the request is served)
     action: str
     count: int = 1  # how many matching requests it applies to; -1 for all
     status: int = 503
@@ -43,6 +49,8 @@ class Rule:
     region: str = ""  # `wrong_region`: the bucket's region; requests signed for another are refused
     body: str = ""  # `status`: extra XML inside <Error> (e.g. <ServerTime>…</ServerTime>)
     headers: tuple = ()  # `status`: extra answer headers, as (name, value) pairs
+    payloads: tuple = ()  # `interlope`: the bodies the other writer puts, in turn
+    target: str = ""  # `interlope`: the path it puts them to (default: the request's)
     hits: int = 0
 
     def matches(self, method: str, path: str) -> bool:
@@ -69,8 +77,11 @@ class FaultProxy:
     log: list[Seen] = field(default_factory=list)
     tls: object = None  # an ssl.SSLContext: serve HTTPS, as a real provider does
     strict: bool = True  # enforce what S3 enforces and moto does not (see the module's doc)
+    flavour: str = "aws"  # or "rgw": conditional requests answered as Ceph RGW answers them
+    loser_500_every: int = 4  # rgw: every n-th refused conditional PUT answers 500 UnknownError
 
     def __post_init__(self):
+        self._losers = 0  # rgw: conditional PUTs refused so far
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         parts = urlsplit(self.upstream)
@@ -184,10 +195,8 @@ class FaultProxy:
             headers = self._without_conditions(method, path, headers, body)
         if rule and rule.action == "sign_sts":  # moto demands a signature STS's web identity call lacks
             headers = self._signed(method, path, headers, body, (), "sts")
-        copy_if_match = lower.get("x-amz-copy-source-if-match") if self.strict and method == "PUT" else None
-        precondition = (lambda: self._copy_source_etag(lower["x-amz-copy-source"]) == copy_if_match) \
-            if copy_if_match else None
-        status, response_headers, payload = self._forward(method, path, headers, body, precondition)
+        status, response_headers, payload = self._forward(method, path, headers, body,
+                                                          self._guard(method, path, lower, rule))
         fault = rule.action if rule else None
         self._record(lower.get("host", ""), method, path, status, fault)
         if fault == "drop_etag":
@@ -206,42 +215,86 @@ class FaultProxy:
         at = len(data) // 2 if offset is None else offset % len(data)
         return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
 
-    def _forward(self, method, path, headers, body, precondition=None):
+    def _guard(self, method, path, lower, rule):
+        """What happens atomically with a write, before it: another writer's PUT, and the
+        conditions S3 (or RGW) checks that moto does not. A callable answering (status, code)
+        to refuse the write, or None to forward it."""
+        if method != "PUT":
+            return None
+        interlope = rule is not None and rule.action == "interlope"
+        copy_if_match = lower.get("x-amz-copy-source-if-match") if "x-amz-copy-source" in lower else None
+        rgw = self.flavour == "rgw" and "x-amz-copy-source" not in lower and \
+            ("if-match" in lower or "if-none-match" in lower)
+
+        def guard():
+            if interlope:
+                other = rule.payloads[(rule.hits - 1) % len(rule.payloads)]
+                where = rule.target or path
+                signed = self._signed("PUT", where, [("host", lower["host"]),
+                                                     ("content-length", str(len(other)))], other, (), "s3")
+                self._upstream("PUT", where, signed, other)
+            if copy_if_match and self.strict and self.flavour == "aws" and \
+                    self._etag(lower["x-amz-copy-source"]) != copy_if_match:
+                return 412, "PreconditionFailed"
+            if rgw:
+                return self._rgw_precondition(path, lower)
+            return None
+        return guard if interlope or copy_if_match or rgw else None
+
+    def _rgw_precondition(self, path, lower):
+        """As RGW 16.2 judges a PUT's If-Match / If-None-Match (the module's doc)."""
+        if lower.get("if-match", "").startswith('"'):
+            return 412, "PreconditionFailed"
+        current = self._etag(path)
+        if "if-match" in lower:
+            holds = current is not None and current.strip('"') == lower["if-match"]
+        else:
+            holds = current is None
+        if holds:
+            return None
+        self._losers += 1
+        return (500, "UnknownError") if self._losers % self.loser_500_every == 0 else (412, "PreconditionFailed")
+
+    def _forward(self, method, path, headers, body, guard=None):
         writes = method in ("PUT", "POST", "DELETE")
         if writes:
             self._write_lock.acquire()
         try:
-            if precondition is not None and not precondition():  # checked and written atomically
-                return 412, [("Content-Type", "application/xml")], \
-                    ERROR_BODY.format(code="PreconditionFailed").encode()
-            connection = http.client.HTTPConnection(self._host, self._port, timeout=60)
-            connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-            for name, value in headers:
-                connection.putheader(name, value)
-            connection.endheaders(body or None)
-            response = connection.getresponse()
-            payload = response.read()
-            dropped = ("connection", "transfer-encoding") + (() if method == "HEAD" else ("content-length",))
-            response_headers = [(n, v) for n, v in response.getheaders() if n.lower() not in dropped]
-            connection.close()
-            return response.status, response_headers, payload
+            refused = guard() if guard is not None else None  # checked and written atomically
+            if refused:
+                return refused[0], [("Content-Type", "application/xml")], \
+                    ERROR_BODY.format(code=refused[1]).encode()
+            return self._upstream(method, path, headers, body)
         finally:
             if writes:
                 self._write_lock.release()
 
-    def _copy_source_etag(self, source: str) -> str | None:
-        """The ETag of a copy's source object, asked of the server with a signed HEAD."""
+    def _upstream(self, method, path, headers, body):
+        connection = http.client.HTTPConnection(self._host, self._port, timeout=60)
+        connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers:
+            connection.putheader(name, value)
+        connection.endheaders(body or None)
+        response = connection.getresponse()
+        payload = response.read()
+        dropped = ("connection", "transfer-encoding") + (() if method == "HEAD" else ("content-length",))
+        response_headers = [(n, v) for n, v in response.getheaders() if n.lower() not in dropped]
+        connection.close()
+        return response.status, response_headers, payload
+
+    def _etag(self, path: str) -> str | None:
+        """The ETag of an object (by its path), asked of the server with a signed HEAD."""
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
         from botocore.credentials import Credentials
 
         host = f"{self._host}:{self._port}"
-        request = AWSRequest(method="HEAD", url=f"http://{host}{source}", headers={"Host": host})
+        request = AWSRequest(method="HEAD", url=f"http://{host}{path}", headers={"Host": host})
         S3SigV4Auth(Credentials(self.keys.access_key_id, self.keys.secret_access_key), "s3",
                     self.region).add_auth(request)
         connection = http.client.HTTPConnection(self._host, self._port, timeout=60)
         try:
-            connection.request("HEAD", source, headers=dict(request.headers.items()))
+            connection.request("HEAD", path, headers=dict(request.headers.items()))
             response = connection.getresponse()
             response.read()
             return response.getheader("ETag") if response.status == 200 else None

@@ -50,16 +50,41 @@ def test_eight_first_runs_at_once_all_land(run_cli, proxy, s3_server, bucket, tm
 
 
 def test_exhausted_conflict_retries_exit_75(run_cli, proxy, s3_server, bucket, tmp_path):
+    """Another writer wins every attempt: the run gives up with S3_CONFLICT and overwrites nothing."""
+    from fault_proxy import Rule
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+    others = []
+    for index in range(3):  # the other writer's databases: the history plus a build of its own
+        other = tmp_path / f"other-{index}.db"
+        other.write_bytes(get_object(s3_server, bucket))
+        assert run_cli("--config", str(config), "--local-db", str(other), "--commit", f"other{index}",
+                       "--branch", "other", "--run-id", str(index), "--no-report").returncode == 0
+        others.append(other.read_bytes())
+    proxy.clear()
+    proxy.add(Rule("PUT", r"/unentropy-metrics\.db$", "interlope", count=-1, payloads=tuple(others)))
+    result = run_cli.track(config, "--json", "--max-conflict-retries", "2", endpoint=proxy.endpoint)
+    assert result.returncode == 75, result.output
+    assert result.json()["error"]["code"] == "S3_CONFLICT"
+    assert len(proxy.requests("PUT", r"/unentropy-metrics\.db$")) == 3
+    assert get_object(s3_server, bucket) == others[2]  # the other writer's last object stands
+
+
+def test_a_refused_matching_precondition_is_said_at_once(run_cli, proxy, s3_server, bucket, tmp_path):
+    """A 412 while the object still has the ETag the PUT named: no other run wrote, so no retry."""
     from fault_proxy import Rule
     config = write_config(tmp_path, SIMPLE_METRICS)
     assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
     before = get_object(s3_server, bucket)
     proxy.clear()
     proxy.add(Rule("PUT", r"/unentropy-metrics\.db$", "status", count=-1, status=412, code="PreconditionFailed"))
-    result = run_cli.track(config, "--json", "--max-conflict-retries", "2", endpoint=proxy.endpoint)
-    assert result.returncode == 75
-    assert result.json()["error"]["code"] == "S3_CONFLICT"
-    assert len(proxy.requests("PUT", r"/unentropy-metrics\.db$")) == 3
+    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    assert result.returncode == 1, result.output
+    error = result.json()["error"]
+    assert error["code"] == "S3_CONDITIONAL_WRITES_UNSUPPORTED"
+    assert 'If-Match: "' in error["message"] and "no other run wrote it" in error["message"]
+    assert "concurrent runs are writing" not in result.stderr
+    assert len(proxy.requests("PUT", r"/unentropy-metrics\.db$")) == 1
     assert get_object(s3_server, bucket) == before
 
 
