@@ -1323,8 +1323,9 @@ def iso_from_http_date(value: str) -> str:
         return ""
 
 
+WRONG_ETAG = '"0123456789abcdef0123456789abcdef"'
 WRONG_PRECONDITIONS = (("If-None-Match: * on an existing object", {"If-None-Match": "*"}),
-                       ("a wrong If-Match", {"If-Match": '"0123456789abcdef0123456789abcdef"'}))
+                       ("a wrong If-Match", {"If-Match": WRONG_ETAG}))
 PROBE_BODY = b"track_metrics probe"
 ETAG_FORMS = ("quoted", "unquoted")  # as AWS documents If-Match; as Ceph RGW accepts it
 
@@ -1336,6 +1337,13 @@ def etag_in(form: str, etag: str) -> str:
 
 def same_etag(first: str | None, second: str | None) -> bool:
     return bool(first and second) and first.strip().strip('"').lower() == second.strip().strip('"').lower()
+
+
+def changed_since(head: dict | None, previous: DatabaseFile | None) -> bool:
+    """Whether the object (its HEAD, None if missing) is no longer the one downloaded."""
+    if head is None or previous is None:
+        return (head is None) != (previous is None)
+    return not same_etag(head.get("etag"), previous.etag)
 
 
 @dataclass(frozen=True)
@@ -1511,8 +1519,7 @@ class S3Storage:
             # Every answer was lost or refused (a race's loser can get a 500): the PUT may have
             # landed all the same, or another run's may have, which is a conflict like a 412.
             head = self.stat(self.key)
-            if conditional and not self._is_ours(head, sha256) and \
-                    not same_etag((head or {}).get("etag"), previous.etag if previous else None):
+            if conditional and not self._is_ours(head, sha256) and changed_since(head, previous):
                 raise Conflict(f"{exc.code} while the object changed") from exc
             try:
                 return self._verify(sha256, size, generation, head, successor_holds_build)
@@ -1526,8 +1533,8 @@ class S3Storage:
                          headers: Mapping[str, str]) -> None:
         """A 412 while the object is still the one the precondition named: no other run wrote,
         the server refused a matching precondition. Retrying would only repeat it."""
-        if (head is None) != (previous is None) or (previous and not same_etag(head.get("etag"), previous.etag)):
-            return  # the object changed: a real conflict
+        if changed_since(head, previous):
+            return  # a real conflict
         sent = f"If-Match: {headers['If-Match']}" if "If-Match" in headers else "If-None-Match: *"
         raise TrackMetricsError(
             "S3_CONDITIONAL_WRITES_UNSUPPORTED", f"the storage refused {sent} ({conflict}) although "
@@ -1676,7 +1683,7 @@ class S3Storage:
         copy = self.probe_key + "-copy"
         try:
             self._copy({"x-amz-copy-source": f"/{self.bucket}/{quote(self.probe_key, safe='/~')}",
-                        "x-amz-copy-source-if-match": WRONG_PRECONDITIONS[1][1]["If-Match"]}, copy)
+                        "x-amz-copy-source-if-match": WRONG_ETAG}, copy)
             copy_checked = False
             self.remove(copy)
         except Conflict:
@@ -4656,7 +4663,7 @@ class TrackingRun:
             self.validate()
             if command in WRITING_VERBS:
                 {"run": self.collect, "import": self.read_import, "prune": self.plan_prune}[command]()
-                if not (self.importing or self.pruning or PruneRequest()).dry_run:
+                if not self.dry_run:
                     self.upload()
                 else:
                     self.working = self.base
@@ -4674,6 +4681,10 @@ class TrackingRun:
             self.result.duration_ms = elapsed_ms(started)
             self.cleanup()
         return self.result
+
+    @property
+    def dry_run(self) -> bool:
+        return bool((self.importing or self.pruning or PruneRequest()).dry_run)
 
     def download(self) -> None:
         with self.phase("download") as phase:
@@ -4697,7 +4708,7 @@ class TrackingRun:
                                       etag=self.expected.etag)
                 self.console.info(f"download: {self.storage.location}: {self.expected.size:,} bytes, "
                                   f"sha256 {self.expected.sha256[:12]}…")
-            if self.command in WRITING_VERBS:
+            if self.command in WRITING_VERBS and not self.dry_run:
                 self.check_conditional_writes(phase)
 
     def warn_other_databases(self) -> None:

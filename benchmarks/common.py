@@ -29,11 +29,11 @@ def start_server():
     return server, f"http://127.0.0.1:{port}"
 
 
-def client(endpoint: str):
+def client(endpoint: str, keys: dict = KEYS):
     import boto3
     return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        aws_access_key_id=KEYS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=KEYS["AWS_SECRET_ACCESS_KEY"])
+                        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
 
 
 # A child forked from this (large) process would report this process's pages as its own peak

@@ -51,12 +51,14 @@ class Rule:
     headers: tuple = ()  # `status`: extra answer headers, as (name, value) pairs
     payloads: tuple = ()  # `interlope`: the bodies the other writer puts, in turn
     target: str = ""  # `interlope`: the path it puts them to (default: the request's)
+    header: str = ""  # only requests carrying this header (lower case), e.g. "if-match"
     hits: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, headers: dict) -> bool:
         if self.count != -1 and self.hits >= self.count:
             return False
-        return self.method in ("*", method) and re.search(self.path, path) is not None
+        return self.method in ("*", method) and re.search(self.path, path) is not None and \
+            (not self.header or self.header in headers)
 
 
 @dataclass
@@ -143,7 +145,7 @@ class FaultProxy:
             headers.append((name.strip(), value.strip()))
         lower = {name.lower(): value for name, value in headers}
         with self._lock:
-            rule = next((r for r in self.rules if r.matches(method, path)), None)
+            rule = next((r for r in self.rules if r.matches(method, path, lower)), None)
             if rule:
                 rule.hits += 1
         if lower.get("expect", "").lower() == "100-continue":

@@ -61,3 +61,20 @@ def test_check_reports_an_unreachable_endpoint(run_cli):
                      "--retry-attempts", "1")
     assert result.returncode == 1
     assert statuses(result)["endpoint reachable"] == "FAILED"
+
+
+def test_a_provider_refusing_the_right_precondition_fails_check_and_the_run(run_cli, proxy, s3_server, bucket,
+                                                                          tmp_path):
+    """Refusing every If-Match looks safe to a probe of wrong preconditions alone; updates
+    would then never land. check says so with the server's answers, and the run refuses at once."""
+    from conftest import SIMPLE_METRICS, write_config
+    proxy.add(Rule("PUT", r"\.probe-", "status", count=-1, status=412, code="PreconditionFailed", header="if-match"))
+    result = run_cli("check", *run_cli.s3_args(proxy.endpoint), "--json")
+    assert result.returncode == 1
+    row = {row["check"]: row for row in result.json()}["conditional writes honoured"]
+    assert row["status"] == "FAILED"
+    assert "in every form" in row["advice"] and "412 PreconditionFailed" in row["advice"]
+    run = run_cli.track(write_config(tmp_path, SIMPLE_METRICS), "--json", endpoint=proxy.endpoint)
+    assert run.returncode == 1, run.output
+    assert run.json()["error"]["code"] == "S3_CONDITIONAL_WRITES_UNSUPPORTED"
+    assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0

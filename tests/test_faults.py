@@ -167,6 +167,45 @@ def test_a_provider_ignoring_conditional_writes_is_refused(run_cli, proxy, s3_se
     assert "can lose each other's builds" in result.stderr
 
 
+@pytest.mark.parametrize("verb", ["import", "prune"])
+def test_a_failed_upload_of_import_or_prune_is_a_coded_retryable_error(run_cli, proxy, s3_server, bucket,
+                                                                      tmp_path, verb):
+    config = seed_history(run_cli, tmp_path)
+    before = get_object(s3_server, bucket)
+    history = tmp_path / "history.jsonl"
+    history.write_text('{"metric_id": "coverage", "timestamp": "2025-01-01T00:00:00Z", "value_numeric": 1, '
+                       '"commit_sha": "' + "a" * 40 + '", "branch": "main"}\n')
+    proxy.add(Rule("PUT", DB, "status", count=-1, status=503, code="SlowDown"))
+    args = [str(history)] if verb == "import" else ["--older-than", "0"]
+    result = run_cli(verb, *args, "--config", str(config), *run_cli.s3_args(proxy.endpoint), "--json",
+                     "--no-report", "--retry-attempts", "2")
+    assert result.returncode == 75, result.output
+    assert result.json()["error"]["code"] == "S3_UNAVAILABLE"
+    assert "Traceback" not in result.stderr and "re-run the same command" in result.stderr
+    assert get_object(s3_server, bucket) == before
+
+
+@pytest.mark.parametrize("verb", ["import", "prune"])
+def test_every_writing_verb_probes_before_it_stamps(run_cli, run_local, proxy, s3_server, bucket, tmp_path, verb):
+    """An object without this endpoint's stamp (written by another tool): import and prune probe
+    as a run does, so a provider ignoring If-Match is refused, never stamped "honoured"."""
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    local = tmp_path / "local.db"
+    assert run_local("--config", str(config), "--local-db", str(local), "--no-report").returncode == 0
+    s3_server.client().put_object(Bucket=bucket, Key="unentropy-metrics.db", Body=local.read_bytes())
+    history = tmp_path / "history.jsonl"
+    history.write_text('{"metric_id": "coverage", "timestamp": "2025-01-01T00:00:00Z", "value_numeric": 1, '
+                       '"commit_sha": "' + "a" * 40 + '", "branch": "main"}\n')
+    proxy.add(Rule("PUT", r"\.probe-", "ignore_conditions", count=-1))
+    args = [str(history)] if verb == "import" else ["--older-than", "1"]
+    result = run_cli(verb, *args, "--config", str(config), *run_cli.s3_args(proxy.endpoint), "--json", "--no-report")
+    assert result.returncode == 1, result.output
+    assert result.json()["error"]["code"] == "S3_CONDITIONAL_WRITES_UNSUPPORTED"
+    assert get_object(s3_server, bucket) == local.read_bytes()
+    dry = run_cli(verb, *args, "--dry-run", "--config", str(config), *run_cli.s3_args(proxy.endpoint), "--no-report")
+    assert dry.returncode == 0, dry.output  # a dry run writes nothing, a probe included
+
+
 def test_the_conditional_write_probe_runs_once_per_endpoint(run_cli, proxy, s3_server, bucket, tmp_path):
     config = write_config(tmp_path, SIMPLE_METRICS)
     assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0

@@ -207,6 +207,8 @@ def test_a_put_the_storage_swallows_is_not_reported_stored(run_cli, proxy, s3_se
     assert result.json()["error"]["code"] == "S3_UPLOAD_UNVERIFIED"
     assert get_object(s3_server, bucket) == before
     assert "--run-id swallowed" in result.stderr and "kept at" in result.stderr
+    assert "most likely stored" not in result.stderr  # one story: the build is not in the storage
+    assert "is not in the storage" in result.stderr
 
 
 # -- 5. objects without sha256 metadata are checked by their ETag --------------------------------
