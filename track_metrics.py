@@ -1103,6 +1103,27 @@ def file_digests(path: Path) -> tuple[str, str, int]:
     return sha256.hexdigest(), base64.b64encode(md5.digest()).decode(), size
 
 
+def utc_stamp(moment: dt.datetime) -> str:
+    """The one form every build's timestamp is stored in (JavaScript's toISOString, as Unentropy
+    writes it): everything orders builds by this string, so no other form may enter."""
+    moment = moment.astimezone(dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_stamp(text: Any) -> dt.datetime | None:
+    """An ISO 8601 time with an offset (extended or basic form, `Z` or `±hh:mm`); None otherwise."""
+    text = str(text or "").strip()
+    basic = re.fullmatch(r"(\d{4})(\d\d)(\d\d)T(\d\d)(\d\d)(\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)", text)
+    if basic:  # Python 3.10's fromisoformat reads the extended form only
+        day, hours, minutes, seconds, fraction, offset = basic.group(1, 2, 3), *basic.group(4, 5, 6, 7, 8)
+        text = f"{'-'.join(day)}T{hours}:{minutes}:{seconds}{fraction or ''}{offset}"
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else None
+
+
 def iso(value: Any) -> str | None:
     if isinstance(value, dt.datetime):
         return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
@@ -2656,8 +2677,7 @@ def detect_build(environ: Mapping[str, str], params: ActionParameters, now: dt.d
         event = "pull_request" if any(value and value != "false" for value in pull) else "push"
     commit = params.commit or commit or git_lookup(["rev-parse", "HEAD"]) or "unknown"
     branch = params.branch or branch or git_lookup(["rev-parse", "--abbrev-ref", "HEAD"]) or "unknown"
-    timestamp = now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + \
-        f"{now.microsecond // 1000:03d}Z"
+    timestamp = utc_stamp(now)
     run_id = params.run_id or run_id or "local-" + now.strftime("%Y%m%dT%H%M%S%fZ")
     number = params.run_number if params.run_number is not None else (
         int(run_number) if run_number and run_number.isdigit() else None)
@@ -4245,11 +4265,7 @@ def canonical_problem(record: Any) -> str | None:
         return f"unknown field {unknown[0]!r} (accepted: {', '.join(sorted(IMPORT_FIELDS))})"
     if not isinstance(record.get("metric_id"), str) or not METRIC_ID.fullmatch(record["metric_id"]):
         return f"metric_id {show(record.get('metric_id'))} must be 1-64 of a-z, 0-9, '-'"
-    try:
-        moment = dt.datetime.fromisoformat(str(record.get("timestamp", "")).replace("Z", "+00:00"))
-    except ValueError:
-        moment = None
-    if moment is None or moment.tzinfo is None:
+    if parse_stamp(record.get("timestamp")) is None:
         return f"timestamp {show(record.get('timestamp'))} must be ISO 8601 with an offset (…Z or …+02:00)"
     numeric, label = record.get("value_numeric"), record.get("value_label")
     if (numeric is None) == (label is None):
@@ -4326,8 +4342,8 @@ def resolve_imports(text: str, fmt: str, trend_branch: str, workdir: Path, stric
     for number, record in import_lines(text, fmt):
         why = record if isinstance(record, str) else canonical_problem(record)
         commit = None if why else record.get("commit_sha")
+        stamp = None if why else utc_stamp(parse_stamp(record["timestamp"]))
         if not why and not commit:
-            stamp = record["timestamp"]
             if stamp not in nearest:
                 nearest[stamp] = git(["log", "-1", "--format=%H", f"--before={stamp}", trend_branch], workdir)
             commit = nearest[stamp]
@@ -4340,7 +4356,7 @@ def resolve_imports(text: str, fmt: str, trend_branch: str, workdir: Path, stric
         source = record.get("source", "manual")
         unit = (record.get("metadata") or {}).get("unit")
         value = record["value_numeric"] if record.get("value_numeric") is not None else record["value_label"]
-        records.append(ImportRecord(record["metric_id"], record["timestamp"],
+        records.append(ImportRecord(record["metric_id"], stamp,
                                     float(value) if not isinstance(value, str) else value, commit,
                                     record.get("branch", trend_branch),
                                     record.get("run_id", f"import:{source}:{commit[:12]}"),
@@ -4481,7 +4497,7 @@ def backfill_commit(commit: str, metrics: Sequence[MetricConfig], config: Config
         return []
     try:
         when = git(["show", "-s", "--format=%cI", commit], root) or iso(now_utc())
-        moment = dt.datetime.fromisoformat(when).astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        moment = utc_stamp(dt.datetime.fromisoformat(when))
         base = tree / os.path.relpath(config.base_path.resolve(), root.resolve())
         runner = CommandRunner(tree, environ, console.secrets, config.sources, base)
         build = BuildContext(commit, branch, f"backfill:{commit[:12]}", 0, "import", moment)

@@ -143,7 +143,7 @@ def test_import_export_import_is_a_fixed_point_and_importing_twice_adds_nothing(
     assert run_local("import", str(tmp_path / "exported.jsonl"), "--local-db", str(second), "--no-report").returncode == 0
     assert run_local("export", "--local-db", str(second)).stdout == exported.stdout
     csv = run_local("export", "--local-db", str(second), "--format", "csv", "--metric", "status")
-    assert csv.stdout.splitlines()[1].startswith("status,2025-01-01T00:00:00Z,,green,")
+    assert csv.stdout.splitlines()[1].startswith("status,2025-01-01T00:00:00.000Z,,green,")
 
 
 def test_a_dry_run_changes_nothing(run_local, tmp_path):
@@ -262,3 +262,21 @@ def test_backfill_resumes_after_sigterm_without_duplicates(run_local, tmp_path):
     assert rows(database, "SELECT COUNT(*), COUNT(DISTINCT commit_sha) FROM build_contexts") == [(20, 20)]
     assert rows(database, "SELECT COUNT(*) FROM metric_values") == [(40,)]
     assert subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout.count("\n") == 1
+
+
+def test_import_timestamps_are_stored_in_the_one_canonical_utc_form(run_local, tmp_path):
+    """Everything orders builds by the timestamp string: an offset or the basic form kept verbatim
+    would sort a 2025 build after 2026's and make it the report's latest and the gate's baseline."""
+    database = tmp_path / "m.db"
+    items = [{"metric_id": "coverage", "timestamp": stamp, "value_numeric": value, "commit_sha": f"{n:040x}",
+              "branch": "main"} for n, (stamp, value) in enumerate([
+                  ("2025-06-01T23:30:00+14:00", 10), ("20250602T000000Z", 20), ("2025-06-03T00:00:00.5-02:00", 30),
+                  ("2025-06-04T00:00:00Z", 40)])]
+    result = run_local("import", write_jsonl(tmp_path / "h.jsonl", items), "--local-db", str(database), "--no-report")
+    assert result.returncode == 0, result.output
+    assert rows(database, "SELECT timestamp FROM build_contexts ORDER BY timestamp") == [
+        ("2025-06-01T09:30:00.000Z",), ("2025-06-02T00:00:00.000Z",), ("2025-06-03T02:00:00.500Z",),
+        ("2025-06-04T00:00:00.000Z",)]
+    refused = run_local("import", write_jsonl(tmp_path / "bad.jsonl", [dict(items[0], timestamp="2025-06-01T00:00:00")]),
+                        "--local-db", str(database), "--no-report")
+    assert refused.returncode != 0 and "must be ISO 8601 with an offset" in refused.output
