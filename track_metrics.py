@@ -182,10 +182,12 @@ class Console:
         self._lock = threading.Lock()
 
     def add_secret(self, value: str) -> None:
-        if len(value) >= MIN_SECRET_LENGTH and value not in self.secrets:
-            self.secrets.append(value)
-            if self.github:
-                self._write(f"::add-mask::{value}", raw=True)
+        """Redact the value, and each of its lines (the runner's ::add-mask:: masks one line)."""
+        for part in dict.fromkeys([value, *value.splitlines()]):
+            if len(part) >= MIN_SECRET_LENGTH and part not in self.secrets:
+                self.secrets.append(part)
+                if self.github and "\n" not in part and "\r" not in part:  # its next line would show
+                    self._write(f"::add-mask::{part}", raw=True)
 
     def redact(self, text: str) -> str:
         return redact(text, self.secrets)
@@ -917,6 +919,11 @@ def _credentials(sources: _Sources, missing: list) -> S3Credentials | None:
                         "AWS_SECRET_ACCESS_KEY environment variable or --secret-access-key"))
     if key_id is None or secret is None:
         return None
+    for found in (key_id, secret, token):
+        if found and re.search(r"[\x00-\x1f\x7f]", found[0]):  # a header cannot carry it; never echo it
+            raise TrackMetricsError(
+                "PARAM_INVALID", f"{found[1]} holds a line break or another control character (its value "
+                "is not shown): copy the credential again without the trailing newline", type="validation")
     return S3Credentials(key_id[0], secret[0], token[0] if token else None)
 
 

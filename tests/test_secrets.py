@@ -59,3 +59,17 @@ def test_secret_printed_by_a_command_is_redacted(run_local, tmp_path):
     again = run_local("report", "--config", str(config), "--local-db", str(tmp_path / "m.db"), env=env)
     assert again.returncode == 0 and secret not in again.output
     assert secret not in (tmp_path / "unentropy-report" / "index.html").read_text()
+
+
+def test_a_secret_with_a_line_break_is_masked_line_by_line_and_refused(run_cli, tmp_path):
+    first, second = "Line0ne" + "a" * 20, "LineTw0" + "b" * 20
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    result = run_cli("--config", str(config), *run_cli.s3_args(), "--json", "--secret-access-key",
+                     f"{first}\n{second}", env=run_cli.env(GITHUB_ACTIONS="true"))
+    assert result.returncode == 2, result.output
+    error = result.json()["error"]
+    assert error["code"] == "PARAM_INVALID" and "--secret-access-key" in error["message"]
+    assert "Traceback" not in result.stderr
+    assert f"::add-mask::{first}" in result.stderr and f"::add-mask::{second}" in result.stderr
+    shown = "\n".join(line for line in result.output.splitlines() if not line.startswith("::add-mask::"))
+    assert first not in shown and second not in shown
