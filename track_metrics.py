@@ -1798,9 +1798,9 @@ class LocalStorage:
     instead of losing a build."""
 
     def __init__(self, path: Path, console: Console | None = None):
-        self.path = path
+        self.path = Path(os.path.realpath(path))  # a link's target: lock its folder, replace it
         self.key = path.name
-        self.location = str(path)
+        self.location = str(path) if self.path == path.absolute() else f"{path} (-> {self.path})"
         self.console = console
         self.landed = False
         self._lock: int | None = None
@@ -1812,6 +1812,8 @@ class LocalStorage:
             import fcntl
         except ImportError:  # Windows: no flock; the SHA-256 check in store still guards
             return
+        if not self.path.parent.is_dir() and self.console:
+            self.console.info(f"download: creating the folder {self.path.parent} for {self.location}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = os.open(self.path.parent, os.O_RDONLY)
         try:
@@ -1829,19 +1831,56 @@ class LocalStorage:
             os.close(self._lock)  # closing the descriptor releases the lock
             self._lock = None
 
-    def fetch(self, dest: Path) -> DatabaseFile | None:
+    def sidecars(self) -> list[Path]:
+        return [Path(f"{self.path}{suffix}") for suffix in ("-journal", "-wal")
+                if Path(f"{self.path}{suffix}").exists()]
+
+    def fingerprint(self) -> str | None:
+        """The file's SHA-256, and its journal's or WAL's: a commit to either is a change."""
         if not self.path.exists():
             return None
-        shutil.copyfile(self.path, dest)
+        return "+".join(file_digests(path)[0] for path in [self.path, *self.sidecars()])
+
+    def fetch(self, dest: Path) -> DatabaseFile | None:
+        """A copy of the database as SQLite reads it: a crashed writer's hot journal rolled back,
+        a WAL's commits applied (a plain copy of the file would take neither)."""
+        if not self.path.exists():
+            return None
+        if self.sidecars():
+            self.read_through_sqlite(dest)
+        else:
+            shutil.copyfile(self.path, dest)
         sha256, _, size = file_digests(dest)
         modified = dt.datetime.fromtimestamp(self.path.stat().st_mtime, dt.timezone.utc)
-        return DatabaseFile(self.key, size, iso(modified), sha256, None, sha256, self.location)
+        return DatabaseFile(self.key, size, iso(modified), self.fingerprint(), None, sha256, self.location)
+
+    def read_through_sqlite(self, dest: Path) -> None:
+        dest.unlink(missing_ok=True)
+        try:
+            source = sqlite3.connect(self.path)
+            try:
+                source.execute("PRAGMA trusted_schema=OFF")
+                target = sqlite3.connect(dest)
+                try:
+                    source.backup(target)
+                    target.execute("PRAGMA journal_mode=DELETE")
+                finally:
+                    target.close()
+            finally:
+                source.close()  # the last connection: SQLite checkpoints and removes the WAL
+        except sqlite3.Error as exc:
+            raise TrackMetricsError("DB_CORRUPT", f"{self.location} cannot be read with its "
+                                    f"{' and '.join(p.name for p in self.sidecars()) or 'journal'}: {exc}; "
+                                    "nothing was changed") from exc
 
     def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str, size: int,
               generation: int, successor_holds_build: Callable[[], bool], checked: str = "") -> UploadResult:
-        current = file_digests(self.path)[0] if self.path.exists() else None
-        if current != (previous.sha256 if previous else None):
+        if self.fingerprint() != (previous.etag if previous else None):
             raise Conflict("the local database changed during the run")
+        # What a journal or WAL left beside the file is in this run's copy already; beside the new
+        # file SQLite would roll it back or replay it over the new history on the next open.
+        for sidecar in (*self.sidecars(), Path(f"{self.path}-shm")):
+            sidecar.unlink(missing_ok=True)
         replace_file(path, self.path)
         self.landed = True
         return UploadResult(self.key, sha256, None, size, iso(dt.datetime.now(dt.timezone.utc)), sha256)
