@@ -56,6 +56,7 @@ Error codes (``WorkflowError.code``):
     DB_TOO_LARGE            the database exceeds the 5 GiB single-PUT limit
     CHECKSUM_MISMATCH       the downloaded bytes do not match their size, SHA-256 or MD5 ETag
     DB_NOT_FOUND            `report` found no database to report on
+    DB_MISSING              the database key is missing but its backups exist (restore, or --new-history)
     DB_NOT_SQLITE           the object is not a SQLite database
     DB_CORRUPT              SQLite's integrity check failed (on two downloads)
     DB_SCHEMA_UNKNOWN       a SQLite database this tool cannot write (tables, UNIQUE keys, triggers)
@@ -721,6 +722,7 @@ class ActionParameters:
     conditional_writes: bool = True
     on_corrupt: str = "fail"
     backup: bool = True
+    new_history: bool = False  # a missing key beside its backups starts a new history only when asked
     integrity: str = "auto"  # auto (the trust chain) | full | quick
     commit: str | None = None
     branch: str | None = None
@@ -789,6 +791,7 @@ class ActionParameters:
             conditional_writes=not getattr(args, "no_conditional_writes", False),
             on_corrupt=on_corrupt[0] if on_corrupt else "fail",
             backup=not getattr(args, "no_backup", False),
+            new_history=sources.flag("new_history", "new-history"),
             integrity=getattr(args, "integrity", None) or "auto",
             commit=getattr(args, "commit", None), branch=getattr(args, "branch", None),
             run_id=getattr(args, "run_id", None), event=getattr(args, "event", None),
@@ -4760,6 +4763,8 @@ class TrackingRun:
             if self.expected is None and self.command == "report":
                 raise TrackMetricsError("DB_NOT_FOUND", f"{self.storage.location} does not exist: there "
                                         "is no history to report on (check the path or key)")
+            if self.expected is None and self.command in WRITING_VERBS:
+                self.refuse_a_lost_history()
             if self.expected is None:
                 phase.metadata["first_run"] = True
                 self.console.info(f"download: {self.storage.location} does not exist yet; "
@@ -4772,6 +4777,29 @@ class TrackingRun:
                                   f"sha256 {self.expected.sha256[:12]}…")
             if self.command in WRITING_VERBS and not self.dry_run:
                 self.check_conditional_writes(phase)
+
+    def refuse_a_lost_history(self) -> None:
+        """A missing key beside its `.bak` or older versions is a deleted history, not a first
+        run: starting over would, at the next backup, overwrite the last copy of it."""
+        if not isinstance(self.storage, S3Storage) or self.params.new_history:
+            return
+        backup = self.storage.stat(self.storage.key + ".bak")
+        try:
+            versions = [] if backup else self.storage.older_versions()
+        except TrackMetricsError:  # s3:ListBucketVersions is not required
+            versions = []
+        if not backup and not versions:
+            return
+        source = f"s3://{self.storage.bucket}/{self.storage.key}"
+        restore = (f"aws s3 cp {source}.bak {source}" if backup else
+                   f"aws s3api copy-object --bucket {self.storage.bucket} --key {self.storage.key} --copy-source "
+                   f"'{self.storage.bucket}/{self.storage.key}?versionId={versions[0]}'")
+        found = (f"{source}.bak ({int(backup.get('content-length', 0)):,} bytes, {backup.get('last-modified', '')})"
+                 if backup else f"{count(len(versions), 'older version')} of it")
+        raise TrackMetricsError(
+            "DB_MISSING", f"{source} does not exist, but {found} does: the history was deleted or "
+            f"moved, and a new one would later overwrite its backup. Nothing was written. Restore it "
+            f"(`{restore}`, then run again), or pass --new-history (input new-history) to start over")
 
     def warn_other_databases(self) -> None:
         """No silent second history: a first run beside other databases says so (Unentropy's
@@ -5363,6 +5391,8 @@ def build_parser() -> argparse.ArgumentParser:
         (("--max-conflict-retries",), {"metavar": "N", "help": "re-applications after a concurrent upload (default: 10)"}),
         (("--on-corrupt",), {"help": "fail (default), restore (from the newest valid backup) or recreate"}),
         (("--no-backup",), {**flag, "help": "do not keep <key>.bak before overwriting"}),
+        (("--new-history",), {**flag, "help": "start a new history although the key's backups (.bak, older "
+                                              "versions) exist: its database was deleted on purpose"}),
         (("--fail-on-missing",), {**flag, "help": "exit 1 when any metric recorded no value"}))
     gate = group(
         "quality gate",

@@ -114,3 +114,23 @@ def test_local_mode_appends_to_an_unentropy_database(run_local, tmp_path):
     result = run_local("--config", str(config), "--local-db", str(database), "--json")
     assert result.returncode == 0, result.stderr
     assert result.json()["total_builds"] == 7
+
+
+def test_a_deleted_key_beside_its_backup_is_not_a_first_run(run_cli, s3_server, bucket, tmp_path):
+    """Starting over would, at the next run's backup, copy a one-build history over the .bak:
+    the last copy of the real one."""
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    for _ in range(3):
+        assert run_cli.track(config).returncode == 0
+    backup = get_object(s3_server, bucket, "unentropy-metrics.db.bak")
+    s3_server.client().delete_object(Bucket=bucket, Key="unentropy-metrics.db")
+    result = run_cli.track(config, "--json")
+    assert result.returncode == 1, result.output
+    error = result.json()["error"]
+    assert error["code"] == "DB_MISSING"
+    assert f"aws s3 cp s3://{bucket}/unentropy-metrics.db.bak s3://{bucket}/unentropy-metrics.db" in error["message"]
+    assert "--new-history" in error["message"]
+    assert get_object(s3_server, bucket) is None
+    assert get_object(s3_server, bucket, "unentropy-metrics.db.bak") == backup
+    assert run_cli.track(config, "--new-history").returncode == 0  # starting over, on purpose
+    assert database_rows(get_object(s3_server, bucket), tmp_path, "SELECT COUNT(*) FROM build_contexts") == [(1,)]
