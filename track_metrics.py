@@ -723,6 +723,7 @@ class ActionParameters:
     on_corrupt: str = "fail"
     backup: bool = True
     new_history: bool = False  # a missing key beside its backups starts a new history only when asked
+    pass_env: tuple[str, ...] = ()  # credential variables the metric commands may see, by name
     integrity: str = "auto"  # auto (the trust chain) | full | quick
     commit: str | None = None
     branch: str | None = None
@@ -769,6 +770,7 @@ class ActionParameters:
         on_corrupt = sources.get("on_corrupt", "on-corrupt")
         if on_corrupt and on_corrupt[0] not in ("fail", "restore", "recreate"):
             problems.append((on_corrupt[1], f"got {show(on_corrupt[0])}; accepted: fail, restore, recreate"))
+        pass_env = _variable_names(sources, problems)
         if missing:
             raise TrackMetricsError(
                 "PARAM_MISSING", "missing required parameters:\n" + "\n".join(
@@ -791,7 +793,7 @@ class ActionParameters:
             conditional_writes=not getattr(args, "no_conditional_writes", False),
             on_corrupt=on_corrupt[0] if on_corrupt else "fail",
             backup=not getattr(args, "no_backup", False),
-            new_history=sources.flag("new_history", "new-history"),
+            new_history=sources.flag("new_history", "new-history"), pass_env=pass_env,
             integrity=getattr(args, "integrity", None) or "auto",
             commit=getattr(args, "commit", None), branch=getattr(args, "branch", None),
             run_id=getattr(args, "run_id", None), event=getattr(args, "event", None),
@@ -799,6 +801,19 @@ class ActionParameters:
             report_branch=getattr(args, "report_branch", None),
             report=not getattr(args, "no_report", False),
             **numbers)
+
+
+def _variable_names(sources: "_Sources", problems: list) -> tuple[str, ...]:
+    """--pass-env (repeatable, comma-separated) or input pass-env: names of variables."""
+    given = getattr(sources.args, "pass_env", None) or []
+    where = "--pass-env"
+    if not given and sources.environ.get("INPUT_PASS-ENV", "").strip():
+        given, where = [sources.environ["INPUT_PASS-ENV"]], "input pass-env"
+    names = tuple(name for item in given for name in re.split(r"[\s,]+", item) if name)
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
+            problems.append((where, f"got {show(name)}; accepted: environment variable names such as GITHUB_TOKEN"))
+    return names
 
 
 def _storage_type(sources: "_Sources", args: argparse.Namespace, environ: Mapping[str, str],
@@ -2581,10 +2596,11 @@ class CommandRunner:
     everything a command started, and nothing outlives the run."""
 
     def __init__(self, workdir: Path, environ: Mapping[str, str], secrets: Sequence[str],
-                 sources: Sequence[str] | None = None, base: Path = Path(".")):
+                 sources: Sequence[str] | None = None, base: Path = Path("."), passed: Sequence[str] = ()):
         self.workdir = workdir
         self.environ = environ
         self.secrets = secrets
+        self.passed = passed  # credential variables the user hands to the commands by name
         self.sources = sources  # for @collect, with the configuration's folder they are relative to
         self.base = base
         self.live: set[subprocess.Popen] = set()
@@ -2594,7 +2610,7 @@ class CommandRunner:
         started = time.monotonic()
         if metric.command.strip().startswith("@collect "):
             return self.collect(metric, started)
-        env = command_environment(self.environ, self.secrets)
+        env = command_environment(self.environ, self.secrets, self.passed)
         env.update(UNENTROPY_COMMIT_SHA=build.commit_sha, UNENTROPY_BRANCH=build.branch,
                    UNENTROPY_RUN_ID=build.run_id, UNENTROPY_RUN_NUMBER=str(build.run_number or ""),
                    UNENTROPY_ACTOR=build.actor or "", UNENTROPY_METRIC_KEY=metric.id,
@@ -2661,13 +2677,24 @@ def kill_group(process: subprocess.Popen) -> None:
         process.communicate(timeout=5)
 
 
-def command_environment(environ: Mapping[str, str], secrets: Sequence[str]) -> dict[str, str]:
-    """The run's environment without S3 credentials (or anything holding a secret value)."""
-    dropped = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-               "INPUT_S3-ACCESS-KEY-ID", "INPUT_S3-SECRET-ACCESS-KEY", "INPUT_S3-SESSION-TOKEN"}
-    return {name: value for name, value in environ.items()  # GITHUB_TOKEN stays: `gh` commands need it
-            if name not in dropped and (name == "GITHUB_TOKEN" or not any(
-                len(secret) >= MIN_SECRET_LENGTH and secret in value for secret in secrets))}
+CREDENTIAL_VARIABLES = frozenset({  # never handed to a metric command: a pull request can change it
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+    "GITHUB_TOKEN", "GH_TOKEN", "ACTIONS_RUNTIME_TOKEN", "ACTIONS_RUNTIME_URL", "ACTIONS_RESULTS_URL",
+    "ACTIONS_ID_TOKEN_REQUEST_TOKEN", "ACTIONS_ID_TOKEN_REQUEST_URL", "ACTIONS_CACHE_URL",
+    "INPUT_S3-ACCESS-KEY-ID", "INPUT_S3-SECRET-ACCESS-KEY", "INPUT_S3-SESSION-TOKEN", "INPUT_GITHUB-TOKEN"})
+
+
+def command_environment(environ: Mapping[str, str], secrets: Sequence[str],
+                        passed: Sequence[str] = ()) -> dict[str, str]:
+    """The run's environment without credentials (the list above, and any variable holding a
+    secret value), except the variables the user passes by name (--pass-env GITHUB_TOKEN)."""
+    return {name: value for name, value in environ.items() if name in passed or (
+        name not in CREDENTIAL_VARIABLES and not any(
+            len(secret) >= MIN_SECRET_LENGTH and secret in value for secret in secrets))}
 
 
 def elapsed_ms(started: float) -> int:
@@ -4159,7 +4186,8 @@ def gate_values(settings: GateSettings, params: ActionParameters, config: Config
                                     "of metric id → value", type="validation")
         return {k: v for k, v in document.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     build = detect_build(environ, params, now_utc(), lambda args: git(args, params.workdir))
-    runner = CommandRunner(params.workdir, environ, console.secrets, config.sources, config.base_path)
+    runner = CommandRunner(params.workdir, environ, console.secrets, config.sources, config.base_path,
+                           params.pass_env)
     outcomes = collect_metrics(config.metrics, runner, build, params.jobs, time.monotonic() + params.timeout)
     for outcome in outcomes:
         if outcome.ok:
@@ -4548,7 +4576,7 @@ def backfill_commit(commit: str, metrics: Sequence[MetricConfig], config: Config
         when = git(["show", "-s", "--format=%cI", commit], root) or iso(now_utc())
         moment = utc_stamp(dt.datetime.fromisoformat(when))
         base = tree / os.path.relpath(config.base_path.resolve(), root.resolve())
-        runner = CommandRunner(tree, environ, console.secrets, config.sources, base)
+        runner = CommandRunner(tree, environ, console.secrets, config.sources, base, params.pass_env)
         build = BuildContext(commit, branch, f"backfill:{commit[:12]}", 0, "import", moment)
         outcomes = collect_metrics(metrics, runner, build, 1, time.monotonic() + params.timeout)
         units = {metric.id: metric.unit for metric in metrics}
@@ -5018,7 +5046,7 @@ class TrackingRun:
                                      f"commit {self.build.commit_sha} on {self.build.branch}; pass --commit "
                                      "and --branch (or run inside the repository)")
             runner = CommandRunner(self.params.workdir, self.environ, self.console.secrets,
-                                   self.config.sources, self.config.base_path)
+                                   self.config.sources, self.config.base_path, self.params.pass_env)
             deadline = time.monotonic() + self.params.timeout
             try:
                 outcomes = collect_metrics(self.config.metrics, runner, self.build, self.params.jobs,
@@ -5375,6 +5403,9 @@ def build_parser() -> argparse.ArgumentParser:
         "collection and the build's context",
         (("--workdir",), {"help": "where metric commands run (default: the current directory, as Unentropy)"}),
         (("--jobs",), {"metavar": "N", "help": "metric commands run at once (default: 1)"}),
+        (("--pass-env",), {"metavar": "NAME", "action": "append", "help": "hand this credential variable "
+                           "(e.g. GITHUB_TOKEN for a `gh` metric) to the metric commands, which never see "
+                           "credentials otherwise; repeatable, or comma-separated (input pass-env)"}),
         (("--commit",), {"help": "the build's commit, when CI or git cannot tell"}),
         (("--branch",), {"help": "the build's branch, when CI or git cannot tell"}),
         (("--run-id",), {"help": "the build's run id: the same commit and run id replace a build, never duplicate it"}),
@@ -5597,7 +5628,8 @@ def test_command(params: ActionParameters, config: Config, console: Console,
                  environ: Mapping[str, str]) -> int:
     """Run every metric as `run` would and print the values; no storage, no database."""
     build = detect_build(environ, params, now_utc(), lambda args: git(args, params.workdir))
-    runner = CommandRunner(params.workdir, environ, console.secrets, config.sources, config.base_path)
+    runner = CommandRunner(params.workdir, environ, console.secrets, config.sources, config.base_path,
+                           params.pass_env)
     deadline = time.monotonic() + params.timeout
     with cancellation(params.timeout):
         outcomes = collect_metrics(config.metrics, runner, build, params.jobs, deadline)

@@ -113,3 +113,23 @@ def test_array_form_metrics_are_accepted(run_local, tmp_path):
     result = run_local("--config", str(config), "--local-db", str(tmp_path / "m.db"), "--json")
     assert result.returncode == 0, result.output
     assert result.json()["metrics_collected"] == ["loc"]
+
+
+def test_metric_commands_see_no_credential_unless_passed_by_name(run_local, tmp_path):
+    dump = tmp_path / "env.txt"
+    config = write_config(tmp_path, {"seen": {"type": "numeric", "command": f"env > {dump}; echo 1"}})
+    tokens = {"GITHUB_TOKEN": "ghs_" + "a" * 36, "ACTIONS_RUNTIME_TOKEN": "r" * 40,
+              "ACTIONS_ID_TOKEN_REQUEST_TOKEN": "i" * 40, "ACTIONS_ID_TOKEN_REQUEST_URL": "https://example.invalid/id",
+              "AWS_CONTAINER_AUTHORIZATION_TOKEN": "c" * 40, "AWS_WEB_IDENTITY_TOKEN_FILE": "/nowhere/token"}
+    env = run_local.env(**tokens, HARMLESS="kept")
+    result = run_local("--config", str(config), "--local-db", str(tmp_path / "m.db"), "--no-report", env=env)
+    assert result.returncode == 0, result.output
+    names = {line.split("=", 1)[0] for line in dump.read_text().splitlines() if "=" in line}
+    assert "HARMLESS" in names and not names & set(tokens)
+    passed = run_local("--config", str(config), "--local-db", str(tmp_path / "m.db"), "--no-report",
+                       "--pass-env", "GITHUB_TOKEN", env=env)
+    assert passed.returncode == 0, passed.output
+    names = {line.split("=", 1)[0] for line in dump.read_text().splitlines() if "=" in line}
+    assert "GITHUB_TOKEN" in names and not names & (set(tokens) - {"GITHUB_TOKEN"})
+    refused = run_local("--config", str(config), "--local-db", str(tmp_path / "m.db"), "--pass-env", "NOT=OK")
+    assert refused.returncode == 2 and "--pass-env" in refused.output
