@@ -1951,6 +1951,9 @@ def github_request(url: str, token: str, method: str = "GET", body: dict | None 
     return urllib.request.urlopen(request, timeout=60)
 
 
+ARTIFACT_DAMAGE = ("CHECKSUM_MISMATCH", "DB_NOT_SQLITE", "DB_CORRUPT", "DB_SCHEMA_UNKNOWN", "DB_TOO_LARGE")
+
+
 class ArtifactStorage:
     """History kept as GitHub Actions artifacts (Unentropy's default `sqlite-artifact`): the
     newest non-expired artifact of that name on the branch is downloaded, the builds of the
@@ -2011,8 +2014,15 @@ class ArtifactStorage:
             if len(batch) < 100 or len(found) >= int(data.get("total_count") or 0):
                 break
             page += 1
-        mine = [a for a in found if a.get("name") == self.name and not a.get("expired")
-                and (a.get("workflow_run") or {}).get("head_branch") == self.branch]
+        branch = [a for a in found if a.get("name") == self.name and not a.get("expired")
+                  and (a.get("workflow_run") or {}).get("head_branch") == self.branch]
+        # A fork's pull request from its own branch of the same name uploads artifacts too: only
+        # runs of this repository's own code may write its history (or be a gate's baseline).
+        mine = [a for a in branch if (a.get("workflow_run") or {}).get("repository_id") is not None
+                and a["workflow_run"].get("head_repository_id") == a["workflow_run"]["repository_id"]]
+        if len(mine) < len(branch):
+            self.console.warning(f"skipped {count(len(branch) - len(mine), 'artifact')} named {self.name} on "
+                                 f"{self.branch} that another repository's code made (a fork's pull request)")
         return sorted(mine, key=lambda a: (a.get("created_at") or "", a.get("id") or 0), reverse=True)
 
     def download(self, artifact: dict, dest: Path) -> None:
@@ -2045,21 +2055,28 @@ class ArtifactStorage:
         listed = self.artifacts()
         if not listed:
             return None
-        newest = listed[0]
+        unreadable: list[TrackMetricsError] = []
+        for index, newest in enumerate(listed):
+            try:  # a junk or damaged artifact never blocks the history: the next newest is used
+                self.download(newest, dest)
+                check_database(dest)
+                break
+            except TrackMetricsError as exc:
+                if exc.code not in ARTIFACT_DAMAGE:
+                    raise  # the API or the network, not the artifact: never "no history"
+                self.console.warning(f"artifact {newest['id']} skipped ({exc.code}): {exc.message}")
+                unreadable.append(exc)
+        else:
+            raise unreadable[0]  # none readable: an error, never a first run
         self.source_run_id = str((newest.get("workflow_run") or {}).get("id") or "")
-        self.download(newest, dest)
         self.console.info(f"download: artifact {newest['id']} from run {self.source_run_id}")
-        self.merge_siblings(dest, listed[1:1 + self.SIBLINGS])
+        self.merge_siblings(dest, listed[index + 1:index + 1 + self.SIBLINGS])
         sha256, _, size = file_digests(dest)
         return DatabaseFile(self.key, size, newest.get("created_at"), str(newest["id"]), None, sha256,
                             self.location)
 
     def merge_siblings(self, dest: Path, siblings: Sequence[dict]) -> None:
         """Add the builds of older artifacts that the newest lacks (a concurrent run's)."""
-        try:
-            check_database(dest)
-        except TrackMetricsError:
-            return  # the newest is damaged: validate says so, with --on-corrupt's choices
         for artifact in siblings:
             sibling = self.workspace / f"sibling-{artifact['id']}.db"
             try:

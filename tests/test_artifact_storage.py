@@ -77,17 +77,25 @@ class FakeGitHub:
 
         self.server, self.url = serve(Handler, "127.0.0.1")
 
-    def publish(self, database: Path, *, branch: str = "main", run_id: int, created: str,
-                name: str = "unentropy-metrics", expired: bool = False) -> int:
-        """An artifact as actions/upload-artifact leaves it: a zip holding the database file."""
+    def publish(self, database: Path | None, *, branch: str = "main", run_id: int, created: str,
+                name: str = "unentropy-metrics", expired: bool = False, fork: bool = False,
+                blob: bytes | None = None) -> int:
+        """An artifact as actions/upload-artifact leaves it: a zip holding the database file (or
+        `blob`, any bytes), made by this repository's run or by a fork's pull request."""
         artifact_id = len(self.artifacts) + 1000
         archive = io.BytesIO()
-        with zipfile.ZipFile(archive, "w") as bundle:
-            bundle.write(database, "unentropy-metrics.db")
-        self.blobs.blobs[f"/blob/{artifact_id}?sig=x"] = archive.getvalue()
+        if blob is None:
+            with zipfile.ZipFile(archive, "w") as bundle:
+                bundle.write(database, "unentropy-metrics.db")
+        self.blobs.blobs[f"/blob/{artifact_id}?sig=x"] = archive.getvalue() if blob is None else blob
         self.artifacts.insert(0, {"id": artifact_id, "name": name, "expired": expired, "created_at": created,
-                                  "workflow_run": {"id": run_id, "head_branch": branch}})
+                                  "workflow_run": run_of(run_id, branch, fork)})
         return artifact_id
+
+
+def run_of(run_id: int, branch: str, fork: bool = False) -> dict:
+    """An artifact's workflow_run, as GitHub's REST API gives it."""
+    return {"id": run_id, "repository_id": 1, "head_repository_id": 2 if fork else 1, "head_branch": branch}
 
 
 @pytest.fixture
@@ -177,7 +185,7 @@ def test_artifacts_are_read_on_every_page(run_local, tmp_path, github):
     for number in range(150):  # newer, but on other branches: the branch's history is on page 2
         github.artifacts.insert(0, {"id": 5000 + number, "name": "unentropy-metrics", "expired": False,
                                     "created_at": "2026-11-01T00:00:00Z",
-                                    "workflow_run": {"id": 900 + number, "head_branch": f"b{number}"}})
+                                    "workflow_run": run_of(900 + number, f"b{number}")})
     result, outputs = run_action(run_local, tmp_path, github)
     assert result.returncode == 0, result.output
     assert github.pages_served == [1, 2]
@@ -212,3 +220,22 @@ def test_a_refused_listing_is_an_error_not_a_first_run(run_local, tmp_path, gith
     assert result.json()["error"]["code"] == "GITHUB_AUTH_FAILED"
     assert outputs["artifact-upload-required"] == "false"
     assert not (tmp_path / "unentropy-metrics.db").exists()
+
+
+def test_a_forks_artifacts_never_enter_the_history_and_junk_never_blocks_it(run_local, tmp_path, github):
+    """A fork's pull request from its own branch named main uploads artifacts of the same name;
+    an artifact may hold junk. Neither replaces the history, and neither blocks it."""
+    write_config(tmp_path, SIMPLE_METRICS)
+    github.publish(history(tmp_path, ["a" * 40]), run_id=1, created="2026-11-01T00:00:00Z")
+    github.publish(history(tmp_path, ["a" * 40, "b" * 40]), run_id=2, created="2026-11-02T00:00:00Z")
+    for number in range(4):  # newer than the real history, and more of them than the merged siblings
+        github.publish(history(tmp_path, [f"{number}" * 40]), run_id=50 + number,
+                       created=f"2026-11-03T00:00:0{number}Z", fork=True)
+    github.publish(None, run_id=60, created="2026-11-04T00:00:00Z", blob=b"not a zip at all")
+    result, outputs = run_action(run_local, tmp_path, github)
+    assert result.returncode == 0, result.output
+    assert "skipped 4 artifacts" in result.stderr and "fork" in result.stderr
+    assert "skipped (CHECKSUM_MISMATCH)" in result.stderr
+    assert outputs["source-run-id"] == "2"
+    commits = [commit for commit, _ in builds(tmp_path / "unentropy-metrics.db")]
+    assert commits[:2] == ["a" * 40, "b" * 40] and len(commits) == 3
