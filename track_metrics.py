@@ -4127,6 +4127,9 @@ def gate_comment(marker: str, status: str, mode: str, verdicts: Sequence[MetricV
     return body if len(body) <= COMMENT_LIMIT else body[:COMMENT_LIMIT - 40] + "\n\n… (cut at 65,000 characters)\n"
 
 
+GITHUB_ACTIONS_BOT = "github-actions[bot]"
+
+
 class PullRequestComments:
     """One gate comment per pull request, found by its marker on every page and edited in place."""
 
@@ -4134,10 +4137,25 @@ class PullRequestComments:
         self.api = (environ.get("GITHUB_API_URL") or "https://api.github.com").rstrip("/")
         self.repository, self.number, self.console = environ["GITHUB_REPOSITORY"], number, console
         self.token = environ["GITHUB_TOKEN"]
+        self.login: str | None = None  # the token's user, asked only when a comment needs it
 
     def _call(self, method: str, url: str, body: dict | None = None) -> Any:
         with github_request(url, self.token, method, body) as response:
             return json.load(response)
+
+    def posted_by_us(self, comment: Mapping[str, Any]) -> bool:
+        """Whether the identity the gate posts as wrote the comment: anyone can write the marker
+        (a pull request's author could then edit the verdict). GITHUB_TOKEN posts as
+        github-actions[bot]; any other token's user is asked of the API once, when needed."""
+        login = (comment.get("user") or {}).get("login")
+        if login == GITHUB_ACTIONS_BOT:
+            return True
+        if self.login is None:
+            try:
+                self.login = self._call("GET", f"{self.api}/user").get("login") or ""
+            except Exception:  # an installation token may not read /user: it is the bot
+                self.login = ""
+        return bool(login) and login == self.login
 
     def upsert(self, marker: str, body: str) -> str:
         """The comment's URL, after updating the existing one or creating it."""
@@ -4145,7 +4163,7 @@ class PullRequestComments:
         page = 1
         while True:
             comments = self._call("GET", f"{base}/{self.number}/comments?per_page=100&page={page}")
-            mine = next((c for c in comments if marker in (c.get("body") or "")), None)
+            mine = next((c for c in comments if marker in (c.get("body") or "") and self.posted_by_us(c)), None)
             if mine:
                 return self._call("PATCH", f"{base}/comments/{mine['id']}", {"body": body}).get("html_url", "")
             if len(comments) < 100:

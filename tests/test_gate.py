@@ -206,8 +206,8 @@ class FakeGitHub:
     """Issue comments of pull request 7, paginated as GitHub pages them."""
 
     def __init__(self, preceding: int):
-        self.comments = [{"id": n, "body": f"comment {n}", "html_url": f"https://github.test/c/{n}"}
-                         for n in range(1, preceding + 1)]
+        self.comments = [{"id": n, "body": f"comment {n}", "html_url": f"https://github.test/c/{n}",
+                          "user": {"login": "author", "type": "User"}} for n in range(1, preceding + 1)]
         self.calls: list[tuple[str, str]] = []
         self.bodies: list[str] = []
         github = self
@@ -217,6 +217,8 @@ class FakeGitHub:
                 github.calls.append(("GET", self.path))
                 if not self.authorized():
                     return
+                if urlsplit(self.path).path == "/user":  # as GitHub answers an installation token
+                    return self.reply(403, {"message": "Resource not accessible by integration"})
                 query = parse_qs(urlsplit(self.path).query)
                 per_page, page = int(query["per_page"][0]), int(query["page"][0])
                 self.reply(200, github.comments[(page - 1) * per_page: page * per_page])
@@ -226,7 +228,8 @@ class FakeGitHub:
                 if self.authorized():
                     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["body"]
                     github.bodies.append(body)
-                    github.comments.append({"id": 9999, "body": body, "html_url": "https://github.test/c/9999"})
+                    github.comments.append({"id": 9999, "body": body, "html_url": "https://github.test/c/9999",
+                                            "user": {"login": "github-actions[bot]", "type": "Bot"}})
                     self.reply(201, github.comments[-1])
 
             def do_PATCH(self):
@@ -291,6 +294,27 @@ def test_one_comment_updated_in_place_past_120_others(repo, tmp_path, github):
                             (tmp_path / "outputs.txt").read_text(), *github.bodies,
                             (repo / ".unentropy" / "quality-gate-results.json").read_text()])
     assert TOKEN not in everything
+
+
+def test_a_comment_with_the_marker_by_someone_else_is_never_edited(repo, tmp_path, github):
+    """A pull request's author can write the marker into a comment of their own ("✅ pass"):
+    the gate then posts its own verdict, and edits only that one afterwards."""
+    db = tmp_path / "m.db"
+    configure(repo, [{"metric": "size", "mode": "delta-max-drop", "maxDropPercent": 5}])
+    measure(repo, db, coverage=80, size=1000)
+    git(repo, "checkout", "-q", "-b", "feature")
+    commit(repo, "F")
+    (repo / "size.txt").write_text("1500\n")
+    forged = "<!-- unentropy-quality-gate -->\n✅ pass"
+    github.comments.append({"id": 500, "body": forged, "html_url": "https://github.test/c/500",
+                            "user": {"login": "author", "type": "User"}})
+    env = pull_request_env(tmp_path, github)
+    for _ in range(2):
+        result, outputs = gate(repo, db, **env)
+        assert outputs["quality-gate-comment-url"] == "https://github.test/c/9999", result.stderr
+    assert next(c for c in github.comments if c["id"] == 500)["body"] == forged
+    assert ("PATCH", "/repos/acme/widget/issues/comments/500") not in github.calls
+    assert "fail" in github.comments[-1]["body"].split("\n")[1]
 
 
 def test_a_refused_comment_is_a_warning_and_a_fork_without_secrets_is_unknown_not_red(repo, tmp_path, github):
