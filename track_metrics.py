@@ -437,7 +437,13 @@ def _whole(value: Any) -> bool:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number a float can hold (JSON's integers have no limit; 1e400 is refused)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_threshold(path: str, rule: Any, metric_ids: set, problems: list, warnings: list) -> None:
@@ -4219,7 +4225,12 @@ def gate_values(settings: GateSettings, params: ActionParameters, config: Config
         if not isinstance(document, dict):
             raise TrackMetricsError("PARAM_INVALID", f"--values {settings.values_file}: expected an object "
                                     "of metric id → value", type="validation")
-        return {k: v for k, v in document.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        values = {k: v for k, v in document.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        huge = [k for k, v in values.items() if not isinstance(v, str) and not _number(v)]
+        if huge:
+            raise TrackMetricsError("PARAM_INVALID", f"--values {settings.values_file}: {huge[0]} is "
+                                    f"{show(values[huge[0]])[:40]}; accepted: a finite number", type="validation")
+        return values
     build = detect_build(environ, params, now_utc(), lambda args: git(args, params.workdir))
     runner = CommandRunner(params.workdir, environ, console.secrets, config.sources, config.base_path,
                            params.pass_env)
@@ -4391,8 +4402,8 @@ def canonical_problem(record: Any) -> str | None:
     for name, limit in (("branch", 255), ("source", 64), ("run_id", 64)):
         if name in record and (not isinstance(record[name], str) or not 1 <= len(record[name]) <= limit):
             return f"{name} must be a string of 1 to {limit} characters"
-    if "run_number" in record and not (_whole(record["run_number"]) and record["run_number"] >= 0):
-        return "run_number must be a whole number, 0 or more"
+    if "run_number" in record and not (_whole(record["run_number"]) and 0 <= record["run_number"] < 2**63):
+        return "run_number must be a whole number from 0 to 2^63 - 1 (SQLite's largest integer)"
     if "metadata" in record and not isinstance(record["metadata"], dict):
         return "metadata must be an object"
     return None

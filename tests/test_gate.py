@@ -385,3 +385,18 @@ def test_the_gate_reads_its_baseline_from_the_base_branchs_artifact(repo, tmp_pa
         for server in (artifacts.server, blobs.server):
             server.shutdown()
             server.server_close()
+
+
+def test_huge_numbers_are_coded_errors_naming_the_field(repo, tmp_path):
+    db = tmp_path / "m.db"
+    configure(repo, [{"metric": "size", "mode": "delta-max-drop", "maxDropPercent": 5}])
+    measure(repo, db, coverage=80, size=1000)
+    values = tmp_path / "values.json"
+    values.write_text('{"size": 1' + "0" * 400 + "}")
+    result, _ = gate(repo, db, "--values", str(values))
+    assert result.returncode == 2, result.stderr
+    assert "PARAM_INVALID" in result.stderr and "size" in result.stderr and "Traceback" not in result.stderr
+    configure(repo, [{"metric": "size", "mode": "min", "target": 10**400}])
+    result, _ = gate(repo, db)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "qualityGate.thresholds[0].target" in result.stderr

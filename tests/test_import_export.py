@@ -280,3 +280,16 @@ def test_import_timestamps_are_stored_in_the_one_canonical_utc_form(run_local, t
     refused = run_local("import", write_jsonl(tmp_path / "bad.jsonl", [dict(items[0], timestamp="2025-06-01T00:00:00")]),
                         "--local-db", str(database), "--no-report")
     assert refused.returncode != 0 and "must be ISO 8601 with an offset" in refused.output
+
+
+def test_huge_import_numbers_are_refused_lines_not_tracebacks(run_local, tmp_path):
+    database = tmp_path / "m.db"
+    good = records(1)[0]
+    lines = [json.dumps(dict(good, value_numeric=10**400)), json.dumps(dict(good, run_number=2**70)),
+             json.dumps(good)]
+    (tmp_path / "h.jsonl").write_text("\n".join(lines) + "\n")
+    result = run_local("import", str(tmp_path / "h.jsonl"), "--local-db", str(database), "--no-report")
+    assert result.returncode == 0, result.output
+    assert "h.jsonl:1: value_numeric" in result.stderr and "h.jsonl:2: run_number" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert rows(database, "SELECT COUNT(*) FROM metric_values") == [(1,)]
