@@ -62,6 +62,7 @@ Error codes (``WorkflowError.code``):
     DB_SCHEMA_UNKNOWN       a SQLite database this tool cannot write (tables, UNIQUE keys, triggers)
     DB_SCHEMA_NEWER         the database has a newer schema version: upgrade track_metrics
     DB_WRITE_FAILED         SQLite refused to record the build
+    LOCAL_IO_FAILED         a local database file or its folder could not be read or written
     COLLECT_NOTHING         no metric command produced a value that could be recorded
     IMPORT_INVALID          `import`: an unreadable file, no valid record, or a bad line with --strict
     METRICS_MISSING         --fail-on-missing: some metrics recorded no value
@@ -694,6 +695,16 @@ def bucket_problem(name: str) -> str | None:
     return None
 
 
+def local_path_problem(path: Path) -> str | None:
+    """Why a local database path cannot be a database file, or None."""
+    if path.is_dir():
+        return f"is a folder; give the database file's path (e.g. {path / DEFAULT_DATABASE_KEY})"
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"is under {parent}, which is a file, not a folder"
+    return None
+
+
 def database_key_problem(key: str) -> str | None:
     if not key:
         return "must not be empty"
@@ -762,8 +773,12 @@ class ActionParameters:
         local_db = Path(args.local_db) if getattr(args, "local_db", None) else None
         if storage_type == "sqlite-artifact" and key and Path(key[0]).is_absolute():
             problems.append((key[1], f"{show(key[0])} must be relative: it is the artifact's file"))
+        where = "--local-db"
         if storage_type == "sqlite-local" and local_db is None:
             local_db = Path(key[0] if key else DEFAULT_DATABASE_KEY)  # Unentropy: the key is a path
+            where = key[1] if key else "database.key"
+        if local_db is not None and (why := local_path_problem(local_db)):
+            problems.append((where, f"{show(str(local_db))} {why}"))
         s3, credentials = S3Configuration(region="us-east-1"), None
         if storage_type == "s3":
             s3 = _s3_settings(sources, config, config_path, problems, missing)
@@ -1838,8 +1853,12 @@ class LocalStorage:
             return
         if not self.path.parent.is_dir() and self.console:
             self.console.info(f"download: creating the folder {self.path.parent} for {self.location}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = os.open(self.path.parent, os.O_RDONLY)
+        except OSError as exc:
+            raise TrackMetricsError("LOCAL_IO_FAILED", f"cannot use the folder {self.path.parent}: "
+                                    f"{exc.strerror or exc}") from exc
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1870,10 +1889,13 @@ class LocalStorage:
         a WAL's commits applied (a plain copy of the file would take neither)."""
         if not self.path.exists():
             return None
-        if self.sidecars():
-            self.read_through_sqlite(dest)
-        else:
-            shutil.copyfile(self.path, dest)
+        try:
+            if self.sidecars():
+                self.read_through_sqlite(dest)
+            else:
+                shutil.copyfile(self.path, dest)
+        except OSError as exc:
+            raise TrackMetricsError("LOCAL_IO_FAILED", f"cannot read {self.location}: {exc.strerror or exc}") from exc
         sha256, _, size = file_digests(dest)
         modified = dt.datetime.fromtimestamp(self.path.stat().st_mtime, dt.timezone.utc)
         return DatabaseFile(self.key, size, iso(modified), self.fingerprint(), None, sha256, self.location)
@@ -1903,9 +1925,13 @@ class LocalStorage:
             raise Conflict("the local database changed during the run")
         # What a journal or WAL left beside the file is in this run's copy already; beside the new
         # file SQLite would roll it back or replay it over the new history on the next open.
-        for sidecar in (*self.sidecars(), Path(f"{self.path}-shm")):
-            sidecar.unlink(missing_ok=True)
-        replace_file(path, self.path)
+        try:
+            for sidecar in (*self.sidecars(), Path(f"{self.path}-shm")):
+                sidecar.unlink(missing_ok=True)
+            replace_file(path, self.path)
+        except OSError as exc:
+            raise TrackMetricsError("LOCAL_IO_FAILED", f"cannot write {self.location}: {exc.strerror or exc} "
+                                    f"(check the folder's permissions and free space)") from exc
         self.landed = True
         return UploadResult(self.key, sha256, None, size, iso(dt.datetime.now(dt.timezone.utc)), sha256)
 

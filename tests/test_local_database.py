@@ -78,3 +78,18 @@ def test_two_checkouts_linking_one_history_both_keep_their_build(run_local, tmp_
     assert all(link.is_symlink() for link in links)  # the links stay links
     assert sorted(file_rows(shared / "m.db", "SELECT commit_sha FROM build_contexts")) == [
         ("0" * 40,), ("a" * 40,), ("b" * 40,)]
+
+
+def test_local_paths_that_cannot_be_a_database_are_clear_errors(run_local, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    for path, words in ((tmp_path / "folder", "is a folder"), (tmp_path / "file" / "m.db", "which is a file")):
+        result = run_local("--config", str(config), "--local-db", str(path), "--json", "--no-report")
+        assert result.returncode == 2, result.output
+        assert result.json()["error"]["code"] == "PARAM_INVALID" and words in result.json()["error"]["message"]
+        assert "Traceback" not in result.stderr
+    # A folder nobody may write in (root may write anywhere but here): a coded error, exit 1.
+    unwritable = run_local("--config", str(config), "--local-db", "/proc/track-metrics-test.db", "--json", "--no-report")
+    assert unwritable.returncode == 1, unwritable.output
+    assert unwritable.json()["error"]["code"] == "LOCAL_IO_FAILED" and "Traceback" not in unwritable.stderr
