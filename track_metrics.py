@@ -1479,10 +1479,21 @@ class S3Storage:
     def fetch(self, dest: Path, key: str | None = None, version_id: str | None = None) -> DatabaseFile | None:
         """Download an object into `dest`; None only when the key does not exist (NoSuchKey).
         Requests are retried by S3Client; an error while reading the body is retried here."""
+        received = set()  # the SHA-256 of each download that did not match its metadata
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
                 return self._fetch_once(dest, key or self.key, version_id)
             except TrackMetricsError as exc:
+                received.add(exc.details.get("received_sha256"))
+                if exc.code == "CHECKSUM_MISMATCH" and attempt == DOWNLOAD_ATTEMPTS and len(received) == 1 \
+                        and None not in received:
+                    source = f"s3://{self.bucket}/{key or self.key}"
+                    raise TrackMetricsError(
+                        "CHECKSUM_MISMATCH", f"{exc.message}, on each of {attempt} downloads: the stored "
+                        "bytes are stable but are not the ones their metadata names (damaged, or written "
+                        "with another object's metadata), so retrying cannot help. Restore the backup "
+                        f"(`aws s3 cp {source}.bak {source}`) or an older version; nothing was written",
+                        retryable=False) from None
                 if exc.code not in ("CHECKSUM_MISMATCH", "S3_NETWORK") or attempt == DOWNLOAD_ATTEMPTS:
                     raise
                 self.console.warning(f"download attempt {attempt} failed ({exc.message}); "
@@ -1527,7 +1538,7 @@ class S3Storage:
         if metadata.get("sha256") and metadata["sha256"] != sha256:
             raise TrackMetricsError("CHECKSUM_MISMATCH", f"{location}: SHA-256 of the "
                                     f"downloaded bytes is {sha256}, the object's metadata says "
-                                    f"{metadata['sha256']}", retryable=True)
+                                    f"{metadata['sha256']}", retryable=True, details={"received_sha256": sha256})
         etag = headers.get("etag", "").strip('"').lower()
         if md5 and md5.hexdigest() != etag:
             if self._etag_mismatch == sha256:  # the same bytes twice: the ETag is not their MD5

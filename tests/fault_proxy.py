@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import random
 import re
 import socket
 import socketserver
@@ -45,7 +46,7 @@ class Rule:
     status: int = 503
     code: str = "SlowDown"
     delay: float = 0.0
-    offset: int | None = None  # the byte `flip` changes (negative: from the end); None: the middle
+    offset: int | None = None  # the byte `flip` changes (negative: from the end); None: a random one
     region: str = ""  # `wrong_region`: the bucket's region; requests signed for another are refused
     body: str = ""  # `status`: extra XML inside <Error> (e.g. <ServerTime>…</ServerTime>)
     headers: tuple = ()  # `status`: extra answer headers, as (name, value) pairs
@@ -214,7 +215,8 @@ class FaultProxy:
 
     @staticmethod
     def _flip(data: bytes, offset: int | None) -> bytes:
-        at = len(data) // 2 if offset is None else offset % len(data)
+        """One bit changed: at `offset`, or anywhere (as noise in transit lands)."""
+        at = random.randrange(len(data)) if offset is None else offset % len(data)
         return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
 
     def _guard(self, method, path, lower, rule):
