@@ -2131,7 +2131,9 @@ class ArtifactStorage:
             connection = open_database(dest)
             try:
                 connection.execute("PRAGMA journal_mode=DELETE")
+                pruned = pruned_builds(sibling)
                 added = merge_salvage(connection, *salvage_rows(sibling))
+                added -= min(added, forget_pruned(connection, pruned))  # no pruned build comes back
             finally:
                 connection.close()
                 sibling.unlink(missing_ok=True)
@@ -2156,6 +2158,10 @@ class ArtifactStorage:
 
 SCHEMA_VERSION = "2.0.0"
 # Unentropy's schema 2.0.0, statement for statement, so either tool can read the other's file.
+# The builds `prune` removed, so that a merge of older copies (artifact siblings) never brings
+# them back; a build recorded or imported again leaves the list.
+PRUNED_DDL = ("CREATE TABLE IF NOT EXISTS track_metrics_pruned (commit_sha TEXT NOT NULL, run_id TEXT NOT NULL,"
+              " PRIMARY KEY (commit_sha, run_id)) WITHOUT ROWID")
 SCHEMA_DDL = (
     """CREATE TABLE IF NOT EXISTS schema_version (
       version TEXT PRIMARY KEY,
@@ -2204,6 +2210,7 @@ SCHEMA_DDL = (
     size INTEGER NOT NULL, metric_id TEXT NOT NULL, block INTEGER NOT NULL, n INTEGER NOT NULL,
     lo REAL NOT NULL, lo_build INTEGER NOT NULL, hi REAL NOT NULL, hi_build INTEGER NOT NULL,
     PRIMARY KEY (size, metric_id, block)) WITHOUT ROWID""",
+    PRUNED_DDL,
 )
 REQUIRED_COLUMNS = {
     "schema_version": {"version"},
@@ -2328,6 +2335,8 @@ def record_build(connection: sqlite3.Connection, build: BuildContext,
             (build.commit_sha, build.branch, build.run_id, run_number, build.event_name, build.timestamp))
         build_id = connection.execute("SELECT id FROM build_contexts WHERE commit_sha = ? AND run_id = ?",
                                       (build.commit_sha, build.run_id)).fetchone()[0]
+        connection.execute("DELETE FROM track_metrics_pruned WHERE commit_sha = ? AND run_id = ?",
+                           (build.commit_sha, build.run_id))
         for metric in metrics:
             if metric.id not in values:
                 continue
@@ -2410,6 +2419,29 @@ def merge_salvage(connection: sqlite3.Connection, definitions: list, builds: lis
         connection.execute("ROLLBACK")
         raise
     return len(added)
+
+
+def pruned_builds(path: Path) -> list[tuple[str, str]]:
+    """The (commit, run id) pairs a database's prunes removed (none in a foreign one)."""
+    connection = open_database(path)
+    try:
+        return connection.execute("SELECT commit_sha, run_id FROM track_metrics_pruned").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        connection.close()
+
+
+def forget_pruned(connection: sqlite3.Connection, pruned: Sequence[tuple[str, str]]) -> int:
+    """Add `pruned` to the database's list, then remove every build on the list (a merge of an
+    older copy may have brought them back); returns how many builds were removed."""
+    connection.execute(PRUNED_DDL)
+    connection.executemany("INSERT OR IGNORE INTO track_metrics_pruned VALUES (?, ?)", pruned)
+    removed = [row[0] for row in connection.execute(
+        "SELECT b.id FROM build_contexts b JOIN track_metrics_pruned p USING (commit_sha, run_id)")]
+    if removed:
+        apply_prune(connection, removed)
+    return len(removed)
 
 
 def holds_build(path: Path, build: BuildContext, values: Mapping[str, Any]) -> bool:
@@ -4544,6 +4576,8 @@ def apply_imports(connection: sqlite3.Connection, records: Sequence[ImportRecord
                 (record.commit_sha, record.branch, record.run_id, record.run_number, record.timestamp))
             build_id = connection.execute("SELECT id FROM build_contexts WHERE commit_sha = ? AND run_id = ?",
                                           (record.commit_sha, record.run_id)).fetchone()[0]
+            connection.execute("DELETE FROM track_metrics_pruned WHERE commit_sha = ? AND run_id = ?",
+                               (record.commit_sha, record.run_id))
             numeric, label = (None, record.value) if record.type == "label" else (record.value, None)
             added += connection.execute(
                 "INSERT INTO metric_values (metric_id, build_id, value_numeric, value_label) VALUES (?, ?, ?, ?)"
@@ -4623,6 +4657,8 @@ def apply_prune(connection: sqlite3.Connection, removed: Sequence[int]) -> int:
         for start in range(0, len(removed), 500):
             chunk = list(removed[start:start + 500])
             marks = ",".join("?" * len(chunk))
+            connection.execute(f"INSERT OR IGNORE INTO track_metrics_pruned SELECT commit_sha, run_id FROM"
+                               f" build_contexts WHERE id IN ({marks})", chunk)
             values += connection.execute(f"DELETE FROM metric_values WHERE build_id IN ({marks})", chunk).rowcount
             connection.execute(f"DELETE FROM build_contexts WHERE id IN ({marks})", chunk)
         connection.execute("COMMIT")

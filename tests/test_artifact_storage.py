@@ -3,6 +3,7 @@ through a fake GitHub REST API on loopback whose /zip answer redirects to anothe
 from __future__ import annotations
 
 import io
+import shutil
 import json
 import sqlite3
 import uuid
@@ -108,14 +109,14 @@ def github():
         server.server_close()
 
 
-def run_action(run_local, workdir: Path, github: FakeGitHub, *flags: str, **env: str):
+def run_action(run_local, workdir: Path, github: FakeGitHub, *flags: str, verb: str = "run", **env: str):
     outputs = workdir / f"outputs-{uuid.uuid4().hex[:6]}"
     environ = run_local.env(**{"GITHUB_ACTIONS": "true", "GITHUB_TOKEN": TOKEN, "GITHUB_REPOSITORY": github.repository,
                                "GITHUB_API_URL": github.url, "GITHUB_REF_NAME": "main",
                                "GITHUB_SHA": uuid.uuid4().hex, "GITHUB_RUN_ID": str(uuid.uuid4().int % 10**9),
                                "GITHUB_RUN_NUMBER": "1", "GITHUB_EVENT_NAME": "push",
                                "GITHUB_OUTPUT": str(outputs), **env})
-    result = run_local("--json", "--no-report", *flags, env=environ, cwd=workdir)
+    result = run_local(verb, "--json", "--no-report", *flags, env=environ, cwd=workdir)
     return result, read_outputs(outputs)
 
 
@@ -239,3 +240,22 @@ def test_a_forks_artifacts_never_enter_the_history_and_junk_never_blocks_it(run_
     assert outputs["source-run-id"] == "2"
     commits = [commit for commit, _ in builds(tmp_path / "unentropy-metrics.db")]
     assert commits[:2] == ["a" * 40, "b" * 40] and len(commits) == 3
+
+
+def test_a_prune_survives_the_merge_of_older_artifacts(run_local, tmp_path, github):
+    """prune leaves a smaller artifact; the next run merges the older ones beside it, which still
+    hold the pruned builds: they stay out."""
+    write_config(tmp_path, SIMPLE_METRICS)
+    old = history(tmp_path, ["a" * 40, "b" * 40, "c" * 40])  # November 2026: older than 1 day
+    github.publish(old, run_id=1, created="2026-11-01T00:00:00Z")
+    github.publish(old, run_id=2, created="2026-11-01T00:00:01Z")  # a sibling with the same builds
+    pruned, _ = run_action(run_local, tmp_path, github, "--older-than", "1", verb="prune")
+    assert pruned.returncode == 0, pruned.output
+    after_prune = tmp_path / "after-prune.db"
+    shutil.copyfile(tmp_path / "unentropy-metrics.db", after_prune)
+    assert [commit for commit, _ in builds(after_prune)] == ["c" * 40]  # the branch's latest stays
+    github.publish(after_prune, run_id=3, created="2026-11-02T00:00:00Z")
+    result, outputs = run_action(run_local, tmp_path, github)
+    assert result.returncode == 0, result.output
+    commits = [commit for commit, _ in builds(tmp_path / "unentropy-metrics.db")]
+    assert commits[0] == "c" * 40 and len(commits) == 2 and "a" * 40 not in commits and "b" * 40 not in commits
