@@ -4442,6 +4442,7 @@ class ImportRecord:
     run_id: str
     run_number: int
     unit: str | None = None
+    description: str | None = None
 
     @property
     def type(self) -> str:
@@ -4533,7 +4534,8 @@ def resolve_imports(text: str, fmt: str, trend_branch: str, workdir: Path, stric
     records, problems, nearest = [], [], {}
     for number, record in import_lines(text, fmt):
         why = record if isinstance(record, str) else canonical_problem(record)
-        commit = None if why else record.get("commit_sha")
+        kept = (record.get("metadata") or {}).get("commit") if not why else None  # export's non-hex commit
+        commit = None if why else record.get("commit_sha") or (kept if isinstance(kept, str) and 0 < len(kept) <= 64 else None)
         stamp = None if why else utc_stamp(parse_stamp(record["timestamp"]))
         if not why and not commit:
             if stamp not in nearest:
@@ -4547,12 +4549,14 @@ def resolve_imports(text: str, fmt: str, trend_branch: str, workdir: Path, stric
             continue
         source = record.get("source", "manual")
         unit = (record.get("metadata") or {}).get("unit")
+        description = (record.get("metadata") or {}).get("description")
         value = record["value_numeric"] if record.get("value_numeric") is not None else record["value_label"]
         records.append(ImportRecord(record["metric_id"], stamp,
                                     float(value) if not isinstance(value, str) else value, commit,
                                     record.get("branch", trend_branch),
                                     record.get("run_id", f"import:{source}:{commit[:12]}"),
-                                    record.get("run_number", 0), str(unit)[:32] if unit else None))
+                                    record.get("run_number", 0), str(unit)[:32] if unit else None,
+                                    str(description)[:256] if description else None))
     return records, problems
 
 
@@ -4568,8 +4572,10 @@ def apply_imports(connection: sqlite3.Connection, records: Sequence[ImportRecord
             if types.setdefault(record.metric_id, record.type) != record.type:
                 refused.append(f"{record.metric_id}: a {record.type} value for a {types[record.metric_id]} metric")
                 continue
-            connection.execute("INSERT INTO metric_definitions (id, type, unit) VALUES (?, ?, ?) ON CONFLICT (id)"
-                               " DO NOTHING", (record.metric_id, record.type, record.unit))
+            connection.execute("INSERT INTO metric_definitions (id, type, unit, description) VALUES (?, ?, ?, ?)"
+                               " ON CONFLICT (id) DO UPDATE SET unit = COALESCE(unit, excluded.unit),"
+                               " description = COALESCE(description, excluded.description)",
+                               (record.metric_id, record.type, record.unit, record.description))
             connection.execute(
                 "INSERT INTO build_contexts (commit_sha, branch, run_id, run_number, event_name, timestamp)"
                 " VALUES (?, ?, ?, ?, 'import', ?) ON CONFLICT (commit_sha, run_id) DO NOTHING",
@@ -4593,7 +4599,8 @@ def export_history(connection: sqlite3.Connection, fmt: str, metric: str | None,
                    since: str | None) -> Iterator[str]:
     """The history as canonical JSONL (one value a line; `import` reads it back) or CSV."""
     query = ("SELECT v.metric_id, b.timestamp, v.value_numeric, v.value_label, b.commit_sha, b.branch, b.run_id,"
-             " b.run_number FROM metric_values v JOIN build_contexts b ON b.id = v.build_id WHERE 1 = 1")
+             " b.run_number, d.unit, d.description FROM metric_values v JOIN build_contexts b ON b.id = v.build_id"
+             " LEFT JOIN metric_definitions d ON d.id = v.metric_id WHERE 1 = 1")
     arguments: list[Any] = []
     for clause, value in ((" AND v.metric_id = ?", metric), (" AND b.branch = ?", branch), (" AND b.timestamp >= ?", since)):
         if value:
@@ -4603,8 +4610,13 @@ def export_history(connection: sqlite3.Connection, fmt: str, metric: str | None,
         yield ",".join(columns) + "\n"
     for row in connection.execute(query + " ORDER BY b.timestamp, b.id, v.metric_id", arguments):
         record = {name: value for name, value in zip(columns, row) if value is not None}
+        # What import needs to recreate the same build key and definition (canonical fields
+        # take a 40-hex commit only: another one, such as "unknown", travels in the metadata).
+        metadata = {name: value for name, value in zip(("unit", "description"), row[8:]) if value}
         if not COMMIT.fullmatch(str(record.get("commit_sha", ""))):
-            record.pop("commit_sha", None)  # "unknown" and the like: import resolves it by time
+            metadata["commit"] = record.pop("commit_sha", "")
+        if metadata and fmt != "csv":
+            record["metadata"] = metadata
         if fmt == "csv":
             import csv
             import io

@@ -293,3 +293,28 @@ def test_huge_import_numbers_are_refused_lines_not_tracebacks(run_local, tmp_pat
     assert "h.jsonl:1: value_numeric" in result.stderr and "h.jsonl:2: run_number" in result.stderr
     assert "Traceback" not in result.stderr
     assert rows(database, "SELECT COUNT(*) FROM metric_values") == [(1,)]
+
+
+def test_export_then_import_recreates_the_same_builds_and_definitions(run_local, tmp_path):
+    """Builds the tool itself records as commit "unknown" (no git, no CI) and the units and
+    descriptions of the metrics survive the round trip: nothing duplicated, nothing lost."""
+    config = write_config(tmp_path, {"coverage": {"type": "numeric", "command": "echo 80", "unit": "percent",
+                                                  "description": "Lines covered"}})
+    first, second = tmp_path / "first.db", tmp_path / "second.db"
+    nowhere = tmp_path / "nowhere"
+    nowhere.mkdir()
+    for run in ("1", "2"):
+        assert run_local("--config", str(config), "--local-db", str(first), "--no-report", "--run-id", run,
+                         cwd=nowhere).returncode == 0
+    assert rows(first, "SELECT DISTINCT commit_sha FROM build_contexts") == [("unknown",)]
+    exported = run_local("export", "--local-db", str(first))
+    assert exported.returncode == 0 and len(exported.stdout.splitlines()) == 2
+    (tmp_path / "exported.jsonl").write_text(exported.stdout)
+    for _ in range(2):  # twice: the second adds nothing
+        imported = run_local("import", str(tmp_path / "exported.jsonl"), "--local-db", str(second), "--no-report")
+        assert imported.returncode == 0, imported.output
+    query = "SELECT commit_sha, run_id FROM build_contexts ORDER BY run_id"
+    assert rows(second, query) == rows(first, query) == [("unknown", "1"), ("unknown", "2")]
+    assert rows(second, "SELECT id, unit, description FROM metric_definitions") == [
+        ("coverage", "percent", "Lines covered")]
+    assert run_local("export", "--local-db", str(second)).stdout == exported.stdout
