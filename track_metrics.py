@@ -4329,6 +4329,7 @@ def read_database(params: ActionParameters, console: Console, environ: Mapping[s
 def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: Console, config: Config,
                  config_path: Path) -> int:
     """`gate`: did this pull request make a metric worse than the code it is based on?"""
+    started = time.monotonic()
     settings = gate_settings(args, environ, config)
     workspace = Path(tempfile.mkdtemp(prefix="track_metrics-gate-"))
     note, connection, params = "", None, None
@@ -4373,7 +4374,16 @@ def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: 
         shutil.rmtree(workspace, ignore_errors=True)
     status = gate_status(verdicts) if settings.mode != "off" else "unknown"
     failing = [v.metric for v in verdicts if v.status == "fail"]
+    body = console.redact(gate_comment(settings.marker, status, settings.mode, verdicts, baseline_kind,
+                                       settings.branch, settings.max_metrics, note))
+    if settings.comment_file:
+        settings.comment_file.write_text(body, encoding="utf-8")
+    comment_url = post_gate_comment(settings, body, environ, console) if settings.mode != "off" else ""
+    if environ.get("GITHUB_STEP_SUMMARY"):
+        with open(environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as handle:
+            handle.write(body.replace(settings.marker + "\n", "") + "\n")
     document = {
+        **unentropy_gate_document(config, settings, status, verdicts, values, comment_url, started),
         "status": status, "mode": settings.mode, "referenceBranch": settings.branch,
         "baseline": {"kind": baseline_kind, "buildsConsidered": considered}, "note": note,
         "failingMetrics": failing, "metricsCollected": len(values),
@@ -4384,14 +4394,6 @@ def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: 
     results_json = console.redact(json.dumps(document, separators=(",", ":")))
     settings.output_file.parent.mkdir(parents=True, exist_ok=True)
     settings.output_file.write_text(console.redact(json.dumps(document, indent=2)) + "\n", encoding="utf-8")
-    body = console.redact(gate_comment(settings.marker, status, settings.mode, verdicts, baseline_kind,
-                                       settings.branch, settings.max_metrics, note))
-    if settings.comment_file:
-        settings.comment_file.write_text(body, encoding="utf-8")
-    comment_url = post_gate_comment(settings, body, environ, console) if settings.mode != "off" else ""
-    if environ.get("GITHUB_STEP_SUMMARY"):
-        with open(environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as handle:
-            handle.write(body.replace(settings.marker + "\n", "") + "\n")
     outputs = {"quality-gate-status": status, "quality-gate-mode": settings.mode,
                "quality-gate-failing-metrics": ",".join(failing), "quality-gate-comment-url": comment_url,
                "metrics-collected": str(len(values)), "baseline-builds-considered": str(considered),
@@ -4405,6 +4407,49 @@ def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: 
     if getattr(args, "json", False):
         sys.stdout.write(results_json + "\n")
     return EXIT_FAILED if status == "fail" and settings.mode == "hard" else EXIT_OK
+
+
+def unentropy_gate_document(config: Config, settings: GateSettings, status: str, verdicts: Sequence[MetricVerdict],
+                            values: Mapping[str, Any], comment_url: str, started: float) -> dict[str, Any]:
+    """The results document as Unentropy 0.3.16's quality gate writes it (workflows read
+    `fromJSON(...).qualityGate`); this tool's own fields sit beside it."""
+    gate = config.quality_gate or {}
+    thresholds: dict[str, dict] = {}
+    for rule in gate.get("thresholds") or []:
+        thresholds.setdefault(rule.get("metric"), rule)
+    metrics = []
+    for verdict in verdicts:
+        failed = [r for r in verdict.rules if r.status == "fail"]
+        entry: dict[str, Any] = {
+            "metric": verdict.metric, "unit": verdict.unit, "baseline": verdict.baseline,
+            "pullRequestValue": verdict.value, "threshold": thresholds.get(verdict.metric),
+            "status": "fail" if failed else verdict.status,  # Unentropy's: pass, fail or unknown
+            "message": "; ".join(r.message for r in (failed or verdict.rules)) or None,
+            "isBlocking": any(r.severity == "blocker" for r in (failed or verdict.rules))}
+        if isinstance(verdict.value, (int, float)) and isinstance(verdict.baseline, (int, float)):
+            entry["absoluteDelta"] = verdict.value - verdict.baseline
+            if verdict.baseline:
+                entry["relativeDeltaPercent"] = entry["absoluteDelta"] / verdict.baseline * 100
+        metrics.append({name: value for name, value in entry.items() if value is not None})
+    judged = {verdict.metric for verdict in verdicts}
+    units = {metric.id: metric.unit for metric in config.metrics}
+    metrics += [{name: value for name, value in (("metric", metric), ("unit", units.get(metric)),
+                                                 ("pullRequestValue", value), ("status", "unknown"),
+                                                 ("message", "No threshold configured for this metric"),
+                                                 ("isBlocking", False)) if value is not None}
+                for metric, value in values.items() if metric not in judged and not isinstance(value, str)]
+    summary = {"totalMetrics": len(metrics), "evaluatedMetrics": sum("threshold" in m for m in metrics),
+               **{key: sum(m["status"] == name for m in metrics)
+                  for key, name in (("passed", "pass"), ("failed", "fail"), ("unknown", "unknown"))}}
+    total = max(len(config.metrics), len(values))
+    return {"timestamp": utc_stamp(now_utc()), "durationMs": elapsed_ms(started),
+            "collection": {"successful": len(values), "failed": total - len(values), "total": total},
+            "prCommentUrl": comment_url or None,
+            "qualityGate": {"status": status, "mode": settings.mode, "metrics": metrics,
+                            "failingMetrics": [m for m in metrics if m["status"] == "fail" and m["isBlocking"]],
+                            "summary": summary,
+                            "baselineInfo": {"referenceBranch": settings.branch,
+                                             "maxAgeDays": int((gate.get("baseline") or {}).get("maxAgeDays", 90))}}}
 
 
 def post_gate_comment(settings: GateSettings, body: str, environ: Mapping[str, str], console: Console) -> str:

@@ -84,6 +84,19 @@ def test_hard_fails_with_exit_1_soft_passes_the_job_and_outputs_say_so(repo, tmp
     assert outputs["quality-gate-results-path"] == ".unentropy/quality-gate-results.json"
     document = json.loads((repo / ".unentropy" / "quality-gate-results.json").read_text())
     assert document == json.loads(outputs["quality-gate-results-json"]) == values_of(result)
+    # Unentropy 0.3.16's envelope, which workflows read as fromJSON(...).qualityGate
+    assert {"timestamp", "durationMs", "collection", "prCommentUrl", "qualityGate"} <= set(document)
+    assert document["collection"] == {"successful": 2, "failed": 0, "total": 2}
+    gate_result = document["qualityGate"]
+    assert gate_result["status"] == "fail" and gate_result["mode"] == "hard"
+    assert gate_result["summary"] == {"totalMetrics": 2, "evaluatedMetrics": 1, "passed": 0, "failed": 1,
+                                      "unknown": 1}
+    assert gate_result["baselineInfo"] == {"referenceBranch": "main", "maxAgeDays": 90}
+    size = next(m for m in gate_result["metrics"] if m["metric"] == "size")
+    assert size["baseline"] == 1000 and size["pullRequestValue"] == 1100 and size["absoluteDelta"] == 100
+    assert size["relativeDeltaPercent"] == pytest.approx(10) and size["isBlocking"] is True
+    assert size["threshold"] == {"metric": "size", "mode": "delta-max-drop", "maxDropPercent": 5}
+    assert [m["metric"] for m in gate_result["failingMetrics"]] == ["size"]
     soft, outputs = gate(repo, db, "--quality-gate-mode", "soft")
     assert soft.returncode == 0 and outputs["quality-gate-status"] == "fail"
     off, outputs = gate(repo, db, **{"INPUT_QUALITY-GATE-MODE": "off"})
