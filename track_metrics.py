@@ -4794,8 +4794,8 @@ def backfill_command(args: argparse.Namespace, params: "ActionParameters", confi
                     left = (time.monotonic() - started) / done * (len(commits) - done)
                     console.info(f"backfill: {done}/{len(commits)} commits, about {format_duration(left)} left")
                 if batch:
-                    result = run(params, config, console, environ, command="import",
-                                 importing=ImportRequest("backfill", records=tuple(batch)))
+                    result = run(params, config, console, environ,
+                                 ImportChange(ImportRequest("backfill", records=tuple(batch))))
                     if result.error:
                         console.error(f"[{result.error.code}] {result.error.message}")
                         return result.error.exit_code
@@ -4804,6 +4804,123 @@ def backfill_command(args: argparse.Namespace, params: "ActionParameters", confi
     finally:
         git(["worktree", "prune"], root)
         shutil.rmtree(workspace, ignore_errors=True)
+
+
+class Change:
+    """A writing verb's change to the history (run, import, prune; backfill imports). The one
+    update path, TrackingRun, downloads and checks the base, lets the change prepare itself
+    once (the collect phase: run the commands, read the file, plan the removals), applies it
+    to the base, and after a conflict applies it again to the newer base. Probing, locking,
+    backups, the stamp and cleanup are the update path's, alike for every change."""
+    dry_run = False
+    vacuum = False
+    rerun = "re-run the same command (what it adds is recorded once)"
+
+    def prepare(self, tracking: "TrackingRun", phase: WorkflowPhase) -> None:
+        raise NotImplementedError
+
+    def apply(self, connection: sqlite3.Connection, tracking: "TrackingRun") -> Callable[[], None]:
+        """Change this attempt's base (inside apply_build); returns what to do once it is kept."""
+        raise NotImplementedError
+
+    def held_by(self, successor: Path) -> bool:
+        """Whether a database another writer put after ours holds this change."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    file: str
+    format: str = "jsonl"
+    trend_branch: str = "main"
+    dry_run: bool = False
+    strict: bool = False
+    records: tuple = ()  # already resolved (backfill): no file to read
+
+
+class ImportChange(Change):
+    """`import` (and backfill): records of a history file added as import builds."""
+
+    def __init__(self, request: ImportRequest):
+        self.request, self.dry_run = request, request.dry_run
+        self.records: list[ImportRecord] = []
+
+    def prepare(self, tracking: "TrackingRun", phase: WorkflowPhase) -> None:
+        """The file's records, each refused line reported with its number."""
+        request, console = self.request, tracking.console
+        if request.records:
+            self.records, problems = list(request.records), []
+        else:
+            try:
+                text = Path(request.file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise TrackMetricsError("IMPORT_INVALID", f"cannot read {request.file}: {exc}", type="validation")
+            self.records, problems = resolve_imports(text, request.format, request.trend_branch,
+                                                     tracking.params.workdir, request.strict)
+        for number, why in problems:
+            console.warning(f"{request.file}:{number}: {why}")
+        if problems and request.strict:
+            raise TrackMetricsError("IMPORT_INVALID", f"{request.file}:{problems[0][0]}: {problems[0][1]} "
+                                    "(--strict: nothing was imported)", type="validation")
+        if not self.records:
+            raise TrackMetricsError("IMPORT_INVALID", f"{request.file} holds no valid record; nothing "
+                                    "was imported", type="validation")
+        builds = {(r.commit_sha, r.run_id) for r in self.records}
+        phase.metadata.update(records=len(self.records), builds=len(builds), refused=len(problems))
+        tracking.result.metrics_collected = sorted({r.metric_id for r in self.records})
+        console.info(f"import: {count(len(self.records), 'value')} in {count(len(builds), 'build')} "
+                     f"from {request.file}" + (f"; {count(len(problems), 'line')} refused" if problems else ""))
+        if request.dry_run:
+            trial = tracking.workspace / "dry-run.db"
+            shutil.copyfile(tracking.base, trial)
+            connection = open_database(trial)
+            try:
+                added, refused = apply_imports(connection, self.records)  # on a copy of the copy
+            finally:
+                connection.close()
+            console.info(f"import (dry run): would add {count(added, 'value')}; nothing was uploaded")
+
+    def apply(self, connection: sqlite3.Connection, tracking: "TrackingRun") -> Callable[[], None]:
+        added, refused = apply_imports(connection, self.records)
+
+        def done() -> None:
+            for why in refused:
+                tracking.console.warning(f"import: not recorded: {why}")
+            tracking.console.info(f"import: {count(added, 'new value')} added")
+        return done
+
+    def held_by(self, successor: Path) -> bool:
+        return all(holds_build(successor, BuildContext(r.commit_sha, r.branch, r.run_id, None, None, ""),
+                               {r.metric_id: r.value}) for r in self.records)
+
+
+class PruneChange(Change):
+    """`prune`: the builds a retention policy removes, planned again on every attempt's base."""
+
+    def __init__(self, request: PruneRequest):
+        self.request, self.dry_run, self.vacuum = request, request.dry_run, request.vacuum
+
+    def prepare(self, tracking: "TrackingRun", phase: WorkflowPhase) -> None:
+        """What the policy removes, said before anything is uploaded."""
+        connection = open_database(tracking.base)
+        try:
+            removed = prune_plan(connection, self.request, now_utc())
+        finally:
+            connection.close()
+        phase.metadata["builds_removed"] = len(removed)
+        verb = "would remove" if self.dry_run else "removes"
+        tracking.console.info(f"prune: {verb} {count(len(removed), 'build')} of "
+                              f"{count(tracking.result.total_builds, 'build')} (the latest build of every "
+                              "branch stays)" + ("; nothing was uploaded" if self.dry_run else ""))
+
+    def apply(self, connection: sqlite3.Connection, tracking: "TrackingRun") -> Callable[[], None]:
+        removed = prune_plan(connection, self.request, now_utc())  # on this attempt's base
+        values = apply_prune(connection, removed)
+        return lambda: tracking.console.info(f"prune: removed {count(len(removed), 'build')} and "
+                                             f"{count(values, 'value')}")
+
+    def held_by(self, successor: Path) -> bool:
+        return True  # a successor that only added builds holds our removals too
 
 
 # ============================================================================================
@@ -4868,7 +4985,6 @@ def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-WRITING_VERBS = ("run", "import", "prune")  # backfill writes through import
 NO_CONDITIONAL_WRITES = (
     "conditional writes are off (--no-conditional-writes): runs that upload at the same time can "
     "lose each other's builds. Let only one job at a time write this key: on GitHub Actions, "
@@ -4876,11 +4992,85 @@ NO_CONDITIONAL_WRITES = (
     "`resource_group: track-metrics`")
 
 
+class RunChange(Change):
+    """`run`: this build's values, from the metric commands (run once; re-applied on conflicts)."""
+
+    def __init__(self):
+        self.build: BuildContext | None = None
+        self.values: dict[str, Any] = {}
+        self.recorded: dict[str, Any] = {}  # the values the database took
+
+    @property
+    def rerun(self) -> str:
+        return (f"re-run with --commit {self.build.commit_sha} --run-id {self.build.run_id} "
+                "(the same build is then replaced, never duplicated)")
+
+    def prepare(self, tracking: "TrackingRun", phase: WorkflowPhase) -> None:
+        params, console, result = tracking.params, tracking.console, tracking.result
+        self.build = detect_build(tracking.environ, params, now_utc(), lambda args: git(args, params.workdir))
+        console.info(f"collect: commit {self.build.commit_sha[:12]} on {self.build.branch}, "
+                     f"run {self.build.run_id}")
+        if "unknown" in (self.build.commit_sha, self.build.branch):
+            console.warning("no CI variables and no git checkout here: the build is recorded as "
+                            f"commit {self.build.commit_sha} on {self.build.branch}; pass --commit "
+                            "and --branch (or run inside the repository)")
+        runner = CommandRunner(params.workdir, tracking.environ, console.secrets, tracking.config.sources,
+                               tracking.config.base_path, params.pass_env)
+        try:
+            outcomes = collect_metrics(tracking.config.metrics, runner, self.build, params.jobs,
+                                       time.monotonic() + params.timeout)
+        except BaseException:
+            runner.kill_all()
+            raise
+        for outcome in outcomes:
+            console.debug(f"  {outcome.id}: ran in {outcome.duration_ms} ms")
+            if outcome.ok:
+                self.values[outcome.id] = outcome.value
+                result.metrics_collected.append(outcome.id)
+                shown = js_string(outcome.value) if isinstance(outcome.value, float) else outcome.value
+                console.info(f"  {outcome.id} = {shown} ({outcome.duration_ms} ms)")
+                if outcome.warning:
+                    console.warning(f"metric {outcome.id}: {outcome.warning}")
+            else:
+                result.metrics_failed[outcome.id] = console.redact(outcome.error)
+                console.warning(f"metric {outcome.id} skipped: {outcome.error}")
+        phase.metadata.update(collected=len(self.values), failed=result.metrics_failed)
+        if not self.values:
+            raise TrackMetricsError("COLLECT_NOTHING", "no metric command produced a value; "
+                                    "nothing was uploaded (see the warnings above)", type="collection")
+
+    def apply(self, connection: sqlite3.Connection, tracking: "TrackingRun") -> Callable[[], None]:
+        build_id, skipped = record_build(connection, self.build, tracking.config.metrics, self.values)
+        orphans = connection.execute(  # the foreign keys of what this run added, not the whole file's
+            "SELECT COUNT(*) FROM metric_values v LEFT JOIN metric_definitions d ON d.id = v.metric_id"
+            " LEFT JOIN build_contexts b ON b.id = v.build_id WHERE v.build_id = ? AND"
+            " (d.id IS NULL OR b.id IS NULL)", (build_id,)).fetchone()[0]
+
+        def done() -> None:
+            result = tracking.result
+            for metric, reason in skipped.items():
+                tracking.console.warning(f"metric {metric} {reason}")
+                result.metrics_failed[metric] = reason
+            result.metrics_collected = [m for m in result.metrics_collected if m not in skipped]
+            self.recorded = {m: v for m, v in self.values.items() if m not in skipped}
+            if not self.recorded:
+                tracking.keep_workspace = False
+                raise TrackMetricsError("COLLECT_NOTHING", "no collected value could be recorded (see "
+                                        "the warnings above); nothing was uploaded", type="collection")
+            if orphans:
+                raise TrackMetricsError("DB_CORRUPT", f"{orphans} of this build's values lost their metric "
+                                        "or build row; nothing was uploaded")
+        return done
+
+    def held_by(self, successor: Path) -> bool:
+        return holds_build(successor, self.build, self.recorded)
+
+
 class TrackingRun:
     """One run: download → validate → collect → upload → report, each phase timed and logged."""
 
     def __init__(self, params: ActionParameters, config: Config, console: Console,
-                 environ: Mapping[str, str]):
+                 environ: Mapping[str, str], change: Change | None):
         self.params = params
         self.config = config
         self.console = console
@@ -4891,16 +5081,10 @@ class TrackingRun:
         self.keep_workspace = False
         self.storage: S3Storage | LocalStorage | ArtifactStorage | None = None
         self.expected: DatabaseFile | None = None  # the object the next upload must replace
-        self.base: Path | None = None  # the database this run's values are added to
-        self.build: BuildContext | None = None
-        self.values: dict[str, Any] = {}
-        self.recorded: dict[str, Any] = {}  # the values the database took
-        self.importing: ImportRequest | None = None
-        self.pruning: PruneRequest | None = None
-        self.imports: list[ImportRecord] = []
+        self.base: Path | None = None  # the database the change is applied to
+        self.change = change  # None: only read (report)
         self.trusted = True  # the base was checked in full (or vouched for): the chain holds
         self.working = self.workspace / "working.db"
-        self.command = "run"
         self.backup_allowed = False
         self.generation = 0
 
@@ -4924,18 +5108,16 @@ class TrackingRun:
                 phase.end_time, phase.duration_ms = iso(now_utc()), elapsed_ms(started)
                 self.console.info(f"{name}: {phase.status} in {phase.duration_ms} ms")
 
-    def execute(self, command: str = "run") -> ActionResult:
+    def execute(self) -> ActionResult:
         started = time.monotonic()
-        self.command = command
         try:
             self.download()
             self.validate()
-            if command in WRITING_VERBS:
-                {"run": self.collect, "import": self.read_import, "prune": self.plan_prune}[command]()
-                if not self.dry_run:
-                    self.upload()
-                else:
-                    self.working = self.base
+            if self.change is not None:
+                with self.phase("collect") as phase:
+                    self.change.prepare(self, phase)
+            if self.writing:
+                self.upload()
             else:
                 self.working = self.base
             if self.params.report:
@@ -4952,22 +5134,22 @@ class TrackingRun:
         return self.result
 
     @property
-    def dry_run(self) -> bool:
-        return bool((self.importing or self.pruning or PruneRequest()).dry_run)
+    def writing(self) -> bool:
+        return self.change is not None and not self.change.dry_run
 
     def download(self) -> None:
         with self.phase("download") as phase:
             self.storage = open_storage(self.params, self.console, self.environ, self.workspace, self.writer)
-            if isinstance(self.storage, LocalStorage) and self.command in WRITING_VERBS:
+            if isinstance(self.storage, LocalStorage) and self.change is not None:
                 self.storage.lock()
             self.fetch_expected()
             if isinstance(self.storage, ArtifactStorage):
                 self.result.artifact = {"name": self.storage.name, "path": str(self.storage.path),
                                         "source-run-id": self.storage.source_run_id or ""}
-            if self.expected is None and self.command == "report":
+            if self.expected is None and self.change is None:
                 raise TrackMetricsError("DB_NOT_FOUND", f"{self.storage.location} does not exist: there "
                                         "is no history to report on (check the path or key)")
-            if self.expected is None and self.command in WRITING_VERBS:
+            if self.expected is None and self.change is not None:
                 self.refuse_a_lost_history()
             if self.expected is None:
                 phase.metadata["first_run"] = True
@@ -4979,7 +5161,7 @@ class TrackingRun:
                                       etag=self.expected.etag)
                 self.console.info(f"download: {self.storage.location}: {self.expected.size:,} bytes, "
                                   f"sha256 {self.expected.sha256[:12]}…")
-            if self.command in WRITING_VERBS and not self.dry_run:
+            if self.writing:
                 self.check_conditional_writes(phase)
 
     def refuse_a_lost_history(self) -> None:
@@ -5024,7 +5206,7 @@ class TrackingRun:
     def fetch_expected(self) -> None:
         """(Re)download the object the next upload must replace."""
         self.expected = self.storage.fetch(self.workspace / "downloaded.db")
-        if self.expected and self.command in WRITING_VERBS and isinstance(self.storage, S3Storage) \
+        if self.expected and self.writing and isinstance(self.storage, S3Storage) \
                 and self.params.conditional_writes:
             require_etag(self.expected)  # before anything, a backup copy included, is written
 
@@ -5074,7 +5256,7 @@ class TrackingRun:
         damage = self.damage(downloaded)
         if damage is None:
             return downloaded
-        if self.params.on_corrupt == "fail" or self.command != "run":
+        if self.params.on_corrupt == "fail" or self.change is None:
             raise damage
         self.backup_allowed = False  # never let a damaged object replace a good .bak
         base = self.restore(damage) if self.params.on_corrupt == "restore" else None
@@ -5100,7 +5282,7 @@ class TrackingRun:
         """full or quick: a read-only command, or a vouched download, needs quick_check only."""
         if self.params.integrity in ("full", "quick"):
             return self.params.integrity
-        return "quick" if self.command != "run" or self.vouched() else "full"
+        return "quick" if self.change is None or self.vouched() else "full"
 
     def damage(self, downloaded: Path) -> TrackMetricsError | None:
         """Why the downloaded object is damaged, confirmed by downloading it again; None when
@@ -5161,93 +5343,6 @@ class TrackingRun:
             connection.close()
         return path
 
-    def plan_prune(self) -> None:
-        """`prune`: what the policy removes, said before anything is uploaded."""
-        with self.phase("collect") as phase:
-            connection = open_database(self.base)
-            try:
-                removed = prune_plan(connection, self.pruning, now_utc())
-            finally:
-                connection.close()
-            phase.metadata["builds_removed"] = len(removed)
-            verb = "would remove" if self.pruning.dry_run else "removes"
-            self.console.info(f"prune: {verb} {count(len(removed), 'build')} of {count(self.result.total_builds, 'build')}"
-                              " (the latest build of every branch stays)"
-                              + ("; nothing was uploaded" if self.pruning.dry_run else ""))
-
-    def read_import(self) -> None:
-        """`import`: the file's records, each refused line reported with its number."""
-        request = self.importing
-        with self.phase("collect") as phase:
-            if request.records:
-                self.imports, problems = list(request.records), []
-            else:
-                try:
-                    text = Path(request.file).read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as exc:
-                    raise TrackMetricsError("IMPORT_INVALID", f"cannot read {request.file}: {exc}", type="validation")
-                self.imports, problems = resolve_imports(text, request.format, request.trend_branch,
-                                                         self.params.workdir, request.strict)
-            for number, why in problems:
-                self.console.warning(f"{request.file}:{number}: {why}")
-            if problems and request.strict:
-                raise TrackMetricsError("IMPORT_INVALID", f"{request.file}:{problems[0][0]}: {problems[0][1]} "
-                                        "(--strict: nothing was imported)", type="validation")
-            if not self.imports:
-                raise TrackMetricsError("IMPORT_INVALID", f"{request.file} holds no valid record; nothing "
-                                        "was imported", type="validation")
-            builds = {(r.commit_sha, r.run_id) for r in self.imports}
-            phase.metadata.update(records=len(self.imports), builds=len(builds), refused=len(problems))
-            self.result.metrics_collected = sorted({r.metric_id for r in self.imports})
-            self.console.info(f"import: {count(len(self.imports), 'value')} in {count(len(builds), 'build')} "
-                              f"from {request.file}" + (f"; {count(len(problems), 'line')} refused" if problems else ""))
-            if request.dry_run:
-                trial = self.workspace / "dry-run.db"
-                shutil.copyfile(self.base, trial)
-                connection = open_database(trial)
-                try:
-                    added, refused = apply_imports(connection, self.imports)  # on a copy of the copy
-                finally:
-                    connection.close()
-                self.console.info(f"import (dry run): would add {count(added, 'value')}; nothing was uploaded")
-
-    def collect(self) -> None:
-        with self.phase("collect") as phase:
-            self.build = detect_build(self.environ, self.params, now_utc(),
-                                      lambda args: git(args, self.params.workdir))
-            self.console.info(f"collect: commit {self.build.commit_sha[:12]} on {self.build.branch}, "
-                              f"run {self.build.run_id}")
-            if "unknown" in (self.build.commit_sha, self.build.branch):
-                self.console.warning("no CI variables and no git checkout here: the build is recorded as "
-                                     f"commit {self.build.commit_sha} on {self.build.branch}; pass --commit "
-                                     "and --branch (or run inside the repository)")
-            runner = CommandRunner(self.params.workdir, self.environ, self.console.secrets,
-                                   self.config.sources, self.config.base_path, self.params.pass_env)
-            deadline = time.monotonic() + self.params.timeout
-            try:
-                outcomes = collect_metrics(self.config.metrics, runner, self.build, self.params.jobs,
-                                           deadline)
-            except BaseException:
-                runner.kill_all()
-                raise
-            for outcome in outcomes:
-                self.console.debug(f"  {outcome.id}: ran in {outcome.duration_ms} ms")
-                if outcome.ok:
-                    self.values[outcome.id] = outcome.value
-                    self.result.metrics_collected.append(outcome.id)
-                    shown = js_string(outcome.value) if isinstance(outcome.value, float) else outcome.value
-                    self.console.info(f"  {outcome.id} = {shown} ({outcome.duration_ms} ms)")
-                    if outcome.warning:
-                        self.console.warning(f"metric {outcome.id}: {outcome.warning}")
-                else:
-                    self.result.metrics_failed[outcome.id] = self.console.redact(outcome.error)
-                    self.console.warning(f"metric {outcome.id} skipped: {outcome.error}")
-            phase.metadata.update(collected=len(self.values), failed=self.result.metrics_failed)
-            if not self.values:
-                raise TrackMetricsError("COLLECT_NOTHING", "no metric command produced a value; "
-                                        "nothing was uploaded (see the warnings above)",
-                                        type="collection")
-
     def upload(self) -> None:
         with self.phase("upload") as phase:
             for attempt in range(self.params.max_conflict_retries + 1):
@@ -5259,7 +5354,7 @@ class TrackingRun:
                     if self.params.backup and self.backup_allowed:
                         self.storage.backup(self.expected)
                     uploaded = self.storage.store(self.working, self.expected, sha256, md5, size,
-                                                  self.generation, self.successor_holds_build,
+                                                  self.generation, self.successor_holds_change,
                                                   "integrity" if self.trusted else "quick")
                     break
                 except Conflict:
@@ -5275,18 +5370,11 @@ class TrackingRun:
             self.console.info(f"upload: {self.storage.location}: {size:,} bytes, "
                               f"{count(self.result.total_builds, 'build')}")
 
-    def successor_holds_build(self) -> bool:
-        """Whether the object another writer put after ours holds this run's build (or imports)."""
+    def successor_holds_change(self) -> bool:
+        """Whether the object another writer put after ours holds this run's change."""
         successor = self.workspace / "successor.db"
         try:
-            if self.storage.fetch(successor) is None:
-                return False
-            if self.command == "prune":  # a successor that only added builds holds our deletions too
-                return True
-            if self.command == "import":
-                return all(holds_build(successor, BuildContext(r.commit_sha, r.branch, r.run_id, None, None, ""),
-                                       {r.metric_id: r.value}) for r in self.imports)
-            return holds_build(successor, self.build, self.recorded)
+            return self.storage.fetch(successor) is not None and self.change.held_by(successor)
         finally:
             successor.unlink(missing_ok=True)
 
@@ -5296,18 +5384,17 @@ class TrackingRun:
         change is the verb's: a build (run), records (import) or removals (prune)."""
         os.replace(self.base, self.working)
         self.keep_workspace = True  # from here on the change exists only locally
-        change = {"run": self.record_run, "import": self.record_imports, "prune": self.record_prune}[self.command]
         connection = open_database(self.working)
         try:
             connection.execute("PRAGMA journal_mode=DELETE")
             ensure_schema(connection)
             trusted = summary_trusted(self.working, connection)
             watch_changes(connection)
-            done = change(connection)
+            done = self.change.apply(connection, self)
             self.console.debug(f"  summary: {refresh_summary(connection, rebuild=not trusted)}"
                                f"{'' if trusted else ' (the file was not sealed by this tool)'}")
             self.generation = bump_generation(connection)
-            if self.command == "prune" and self.pruning.vacuum:
+            if self.change.vacuum:
                 connection.execute("VACUUM")
             seal_summary(self.working, connection)
         except sqlite3.Error as exc:
@@ -5319,43 +5406,6 @@ class TrackingRun:
         check_upload_size(self.working.stat().st_size)
         # A few changes to a checked file: quick_check and the schema suffice, unless asked for more.
         return prepare_upload(self.working, "full" if self.params.integrity == "full" else "quick")
-
-    def record_run(self, connection: sqlite3.Connection) -> Callable[[], None]:
-        build_id, skipped = record_build(connection, self.build, self.config.metrics, self.values)
-        orphans = connection.execute(  # the foreign keys of what this run added, not the whole file's
-            "SELECT COUNT(*) FROM metric_values v LEFT JOIN metric_definitions d ON d.id = v.metric_id"
-            " LEFT JOIN build_contexts b ON b.id = v.build_id WHERE v.build_id = ? AND"
-            " (d.id IS NULL OR b.id IS NULL)", (build_id,)).fetchone()[0]
-
-        def done() -> None:
-            for metric, reason in skipped.items():
-                self.console.warning(f"metric {metric} {reason}")
-                self.result.metrics_failed[metric] = reason
-            self.result.metrics_collected = [m for m in self.result.metrics_collected if m not in skipped]
-            self.recorded = {m: v for m, v in self.values.items() if m not in skipped}
-            if not self.recorded:
-                self.keep_workspace = False
-                raise TrackMetricsError("COLLECT_NOTHING", "no collected value could be recorded (see "
-                                        "the warnings above); nothing was uploaded", type="collection")
-            if orphans:
-                raise TrackMetricsError("DB_CORRUPT", f"{orphans} of this build's values lost their metric "
-                                        "or build row; nothing was uploaded")
-        return done
-
-    def record_imports(self, connection: sqlite3.Connection) -> Callable[[], None]:
-        added, refused = apply_imports(connection, self.imports)
-
-        def done() -> None:
-            for why in refused:
-                self.console.warning(f"import: not recorded: {why}")
-            self.console.info(f"import: {count(added, 'new value')} added")
-        return done
-
-    def record_prune(self, connection: sqlite3.Connection) -> Callable[[], None]:
-        removed = prune_plan(connection, self.pruning, now_utc())  # on this attempt's base
-        values = apply_prune(connection, removed)
-        return lambda: self.console.info(f"prune: removed {count(len(removed), 'build')} and "
-                                         f"{count(values, 'value')}")
 
     def report(self) -> None:
         with self.phase("report") as phase:
@@ -5385,9 +5435,7 @@ class TrackingRun:
             self.storage.unlock()
         uploaded = self.result.phase("upload").status == "completed"
         if self.keep_workspace and not uploaded and self.working.exists():
-            rerun = (f"re-run with --commit {self.build.commit_sha} --run-id {self.build.run_id} "
-                     "(the same build is then replaced, never duplicated)") if self.build else \
-                "re-run the same command (what it adds is recorded once)"
+            rerun = self.change.rerun
             if self.storage is not None and self.storage.landed:
                 self.console.error(f"the storage accepted this run's upload, but it was not "
                                    f"verified; the change is most likely stored. To make sure, "
@@ -5398,16 +5446,6 @@ class TrackingRun:
                                    f"record it, {rerun}")
             return
         shutil.rmtree(self.workspace, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class ImportRequest:
-    file: str
-    format: str = "jsonl"
-    trend_branch: str = "main"
-    dry_run: bool = False
-    strict: bool = False
-    records: tuple = ()  # already resolved (backfill): no file to read
 
 
 @contextlib.contextmanager
@@ -5435,16 +5473,16 @@ def cancellation(timeout: float) -> Iterator[None]:
 
 
 def run(params: ActionParameters, config: Config, console: Console | None = None,
-        environ: Mapping[str, str] | None = None, command: str = "run",
-        importing: ImportRequest | None = None, pruning: PruneRequest | None = None) -> ActionResult:
-    """One tracking run (command="run") or a report regeneration (command="report")."""
+        environ: Mapping[str, str] | None = None, change: Change | None = None,
+        read_only: bool = False) -> ActionResult:
+    """One tracking run (a RunChange), another change (ImportChange, PruneChange), or with
+    `read_only` the report of the stored history."""
     console = console or Console()
     environ = os.environ if environ is None else environ
-    tracking = TrackingRun(params, config, console, environ)
-    tracking.importing, tracking.pruning = importing, pruning
+    tracking = TrackingRun(params, config, console, environ, None if read_only else change or RunChange())
     try:
         with cancellation(params.timeout):
-            return tracking.execute(command)
+            return tracking.execute()
     except Cancelled as exc:  # landed between phases, outside execute's own handling
         tracking.result.error = WorkflowError.from_exception(exc)
         return tracking.result
@@ -5874,11 +5912,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                                                       console, environ)}
         if args.command in verbs:
             return verbs[args.command]()
-        importing = ImportRequest(args.file, args.format, args.trend_branch, args.dry_run, args.strict) \
-            if args.command == "import" else None
-        pruning = PruneRequest(args.pull_requests_older_than, args.older_than, args.keep, args.vacuum,
-                               args.dry_run) if args.command == "prune" else None
-        result = run(params, config, console, environ, command=args.command, importing=importing, pruning=pruning)
+        changes = {"run": RunChange, "report": lambda: None,
+                   "import": lambda: ImportChange(ImportRequest(args.file, args.format, args.trend_branch,
+                                                                args.dry_run, args.strict)),
+                   "prune": lambda: PruneChange(PruneRequest(args.pull_requests_older_than, args.older_than,
+                                                             args.keep, args.vacuum, args.dry_run))}
+        change = changes[args.command]()
+        result = run(params, config, console, environ, change, read_only=change is None)
         if result.success:
             console.info(done_line(args.command, result))
             if args.command == "run" and result.metrics_failed and getattr(args, "fail_on_missing", False):

@@ -10,14 +10,16 @@ import sys
 import time
 import uuid
 
+import pytest
+
 from conftest import SIMPLE_METRICS, TOOL, database_rows, get_object, write_config
 from fault_proxy import Rule
 
 
-def start(run_cli, config, endpoint, *extra):
-    args = [sys.executable, str(TOOL), "--config", str(config), *run_cli.s3_args(endpoint),
-            "--report-dir", str(run_cli.tmp_path / "report"), "--commit", uuid.uuid4().hex,
-            "--run-id", uuid.uuid4().hex[:8], "--json", *extra]
+def start(run_cli, config, endpoint, *extra, verb: tuple = ()):
+    build = ("--commit", uuid.uuid4().hex, "--run-id", uuid.uuid4().hex[:8]) if not verb else ()
+    args = [sys.executable, str(TOOL), *verb, "--config", str(config), *run_cli.s3_args(endpoint),
+            "--report-dir", str(run_cli.tmp_path / "report"), *build, "--json", *extra]
     return subprocess.Popen(args, env=run_cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, stdin=subprocess.DEVNULL)
 
@@ -41,14 +43,20 @@ def test_sigterm_during_collection_stops_promptly_and_kills_the_command(run_cli,
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("verb", ["run", "import", "prune"])
 def test_sigterm_during_upload_ends_promptly_with_the_object_unchanged_or_replaced(
-        run_cli, proxy, s3_server, bucket, tmp_path):
+        run_cli, proxy, s3_server, bucket, tmp_path, verb):
     config = write_config(tmp_path, SIMPLE_METRICS)
-    assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+    for _ in range(2):
+        assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
     before = get_object(s3_server, bucket)
     stall = Rule("PUT", r"/unentropy-metrics\.db$", "stall", count=1, delay=10)
     proxy.add(stall)
-    process = start(run_cli, config, proxy.endpoint)
+    history = tmp_path / "history.jsonl"
+    history.write_text('{"metric_id": "coverage", "timestamp": "2025-01-01T00:00:00Z", "value_numeric": 1, '
+                       '"commit_sha": "' + "a" * 40 + '", "branch": "main"}\n')
+    process = start(run_cli, config, proxy.endpoint, verb={"run": (), "import": ("import", str(history)),
+                                                           "prune": ("prune", "--older-than", "0")}[verb])
     deadline = time.monotonic() + 30
     while not stall.hits and time.monotonic() < deadline:  # until the PUT is held in the proxy
         time.sleep(0.05)
@@ -66,7 +74,8 @@ def test_sigterm_during_upload_ends_promptly_with_the_object_unchanged_or_replac
         assert database_rows(after, tmp_path, "PRAGMA integrity_check") == [("ok",)]
         head = s3_server.client().head_object(Bucket=bucket, Key="unentropy-metrics.db")
         assert head["Metadata"]["sha256"] == hashlib.sha256(after).hexdigest()
-        assert database_rows(after, tmp_path, "SELECT COUNT(*) FROM build_contexts") == [(2,)]
+        assert database_rows(after, tmp_path, "SELECT COUNT(*) FROM build_contexts") == \
+            [({"run": 3, "import": 3, "prune": 1}[verb],)]
 
 
 def test_sigkill_at_random_moments_never_leaves_a_partial_object(run_cli, proxy, s3_server, bucket, tmp_path):
