@@ -21,8 +21,10 @@ Three ways to run it, all from this one file:
     import track_metrics; track_metrics.main(["--local-db", "m.db"])   # vendored
 
 Library API: ``main(argv=None, environ=None) -> int`` is the command line;
-``run(params, config, console=None, environ=None) -> ActionResult`` is one tracking run,
-with ``ActionParameters.from_sources`` and ``load_config`` building its inputs. The
+``run(params, config, console=None, environ=None, change=None) -> ActionResult`` is one
+tracking run (or, with ``change=ImportChange(...)``/``PruneChange(...)``, that change through
+the same update path), with ``ActionParameters.from_sources`` and ``load_config`` building its
+inputs. The
 dataclasses (``ActionResult``, ``WorkflowPhase``, ``WorkflowError``, ``DatabaseFile``, ...)
 are plain values; ``TrackMetricsError`` is the one exception the library raises on purpose.
 Nothing but ``main`` prints to stdout or exits.
@@ -108,7 +110,7 @@ __all__ = [
     "main", "run", "load_config", "ActionParameters", "ActionResult", "BuildContext",
     "Config", "DatabaseFile", "MetricConfig", "S3Configuration", "S3Credentials", "S3Storage",
     "StorageConfiguration", "TrackMetricsError", "UploadResult", "WorkflowError",
-    "WorkflowPhase",
+    "WorkflowPhase", "Change", "RunChange", "ImportChange", "ImportRequest", "PruneChange", "PruneRequest",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RETRYABLE = 0, 1, 2, 75
