@@ -3364,14 +3364,16 @@ def parse_collect(tokens: Sequence[str]) -> tuple[str, list[str], dict[str, Any]
             continue
         option, _, inline = token.lstrip("-").partition("=")
         option = aliases.get(option, option)
-        if option not in known:
-            raise CollectError(f"Unknown argument: {option}")
+        array = known.get(option, (None, False))[1]
         values = [inline] if inline else []
-        while rest and not rest[0].startswith("-") and (known[option][1] or not values):
+        while rest and not rest[0].startswith("-") and (array or not values):
             values.append(rest.pop(0))
+        if option not in known:  # as Unentropy's yargs: an unknown option (and its value) is ignored
+            continue
         if not values:
             raise CollectError(f"Not enough arguments following: {option}")
-        options[option] = values if known[option][1] else values[0]
+        # A repeated array option adds to it (--exclude a --exclude b); another one's last wins.
+        options[option] = options.get(option, []) + values if array else values[0]
     if "type" in options and options["type"] not in ("line", "branch", "function"):
         raise CollectError(f"Invalid values: Argument: type, Given: {options['type']!r}, "
                            "Choices: \"line\", \"branch\", \"function\"")

@@ -109,9 +109,23 @@ def test_collect_verb_prints_the_value(project, args, expected):
     assert result.stdout == expected + "\n"
 
 
+def test_collect_options_are_read_as_unentropys_yargs_reads_them(project):
+    """yargs 18 (Unentropy 0.3.16's parser) adds each repetition of an array option to it, and
+    ignores an option it does not know, with its value (`coverage-cobertura … --fallback 0`)."""
+    def value(*args: str) -> str:
+        result = tool("collect", *args, cwd=project)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+    both = value("loc", ".", "--exclude", "scripts", "styles")
+    assert value("loc", ".", "--exclude", "scripts", "--exclude", "styles") == both
+    assert value("loc", ".", "-e", "scripts", "-e", "styles") == both
+    assert value("loc", ".", "-e", "styles") != both and value("loc", ".", "-e", "scripts") != both
+    assert value("coverage-cobertura", "coverage/cobertura.xml", "--fallback", "0") == \
+        value("coverage-cobertura", "coverage/cobertura.xml")
+
+
 @pytest.mark.parametrize("args, message", [
     (["bogus"], "Available collectors: loc, size"),
-    (["loc", "--colour", "x"], "Unknown argument: colour"),
     (["coverage-lcov"], "Not enough non-option arguments"),
     (["coverage-lcov", "missing.info"], "missing.info"),
     (["coverage-cobertura", "coverage/lcov.info"], "Failed to parse Cobertura XML"),
