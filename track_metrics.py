@@ -2672,6 +2672,14 @@ def parse_value(output: str, kind: str) -> Any:
     return value
 
 
+def cut_short(output: str) -> str | None:
+    """The first line, when the number parseFloat reads from it stops before more digits
+    ("1,234" reads as 1, "12 of 40" as 12): Unentropy records that silently; it deserves a word."""
+    text = output.strip(JS_SPACE).split("\n")[0].strip(JS_SPACE)
+    match = JS_FLOAT.match(text)
+    return text if match and re.search(r"\d", text[match.end():]) else None
+
+
 @dataclass
 class MetricOutcome:
     id: str
@@ -2753,9 +2761,15 @@ class CommandRunner:
             status = f"exited with {returncode}; " if returncode else ""
             outcome.error = f"{status}{exc}" + (f"; stderr: {err_tail}" if err_tail else "")
             return outcome
+        warnings = []
         if returncode:
-            outcome.warning = (f"exited with {returncode} but printed a valid value; recorded "
-                               "it" + (f" (stderr: {err_tail})" if err_tail else ""))
+            warnings.append(f"exited with {returncode} but printed a valid value; recorded "
+                            "it" + (f" (stderr: {err_tail})" if err_tail else ""))
+        if metric.type == "numeric" and (line := cut_short(stdout.decode("utf-8", "replace"))):
+            warnings.append(f"recorded {js_string(outcome.value)} from {line[:60]!r}, as Unentropy reads it: the "
+                            "number stops before the rest of the line; print plain digits (1234, not 1,234) "
+                            "if another value was meant")
+        outcome.warning = "; ".join(warnings) or None
         return outcome
 
     def kill_all(self) -> None:

@@ -133,3 +133,14 @@ def test_metric_commands_see_no_credential_unless_passed_by_name(run_local, tmp_
     assert "GITHUB_TOKEN" in names and not names & (set(tokens) - {"GITHUB_TOKEN"})
     refused = run_local("--config", str(config), "--local-db", str(tmp_path / "m.db"), "--pass-env", "NOT=OK")
     assert refused.returncode == 2 and "--pass-env" in refused.output
+
+
+def test_a_number_cut_short_is_recorded_as_unentropy_reads_it_with_a_warning(run_local, tmp_path):
+    config = write_config(tmp_path, {"files": {"type": "numeric", "command": "echo 1,234"},
+                                     "coverage": {"type": "numeric", "command": "echo 87.5%"}})
+    result = run_local("--config", str(config), "--local-db", str(tmp_path / "m.db"), "--no-report", "--json")
+    assert result.returncode == 0, result.output
+    assert "metric files: recorded 1 from '1,234'" in result.stderr and "plain digits" in result.stderr
+    assert "metric coverage:" not in result.stderr  # a unit after the number is no surprise
+    assert database_rows((tmp_path / "m.db").read_bytes(), tmp_path,
+                         "SELECT value_numeric FROM metric_values ORDER BY metric_id") == [(87.5,), (1.0,)]
