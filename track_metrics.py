@@ -351,6 +351,7 @@ def parse_config(text: str, source: str = "unentropy.json") -> Config:
     if mode not in ("auto", "light", "dark"):
         problems.append(("report.mode", f"got {show(mode)}; accepted: \"auto\", \"light\" or \"dark\""))
     sections = _parse_sections((report or {}).get("sections"), problems)
+    _check_theme((report or {}).get("theme"), problems)
     metrics = _parse_metrics(data.get("metrics"), problems, warnings)
     sources = _parse_sources(data.get("sources"), problems)
     gate = _parse_quality_gate(data, {m.id for m in metrics}, problems, warnings)
@@ -363,6 +364,24 @@ def parse_config(text: str, source: str = "unentropy.json") -> Config:
         raise error
     return Config(storage, database_key, report_dir, tuple(metrics), tuple(warnings), sources,
                   mode, sections, gate)
+
+
+THEMES = ("lattice", "flux", "halftone", "specimen")  # Unentropy 0.3.16's built-in report themes
+THEME_VARIABLES = ("--bg", "--surface", "--surface-card", "--border", "--border-soft", "--text", "--text-dim",
+                   "--text-muted", "--accent", "--up", "--down", "--warn")
+
+
+def _check_theme(theme: Any, problems: list) -> None:
+    """report.theme as Unentropy accepts it (this report draws its own colours either way)."""
+    if theme is None or theme in THEMES:
+        return
+    if isinstance(theme, dict) and set(theme) <= {"dark", "light"} and all(
+            isinstance(variant, dict) and set(variant) <= set(THEME_VARIABLES) and all(
+                isinstance(v, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", v) for v in variant.values())
+            for variant in theme.values()):
+        return
+    problems.append(("report.theme", f"got {show(theme)}; accepted: {', '.join(THEMES)}, or "
+                     "{\"dark\": {...}, \"light\": {...}} of 7-character hex colours (#1c2230)"))
 
 
 def _parse_sources(raw: Any, problems: list) -> tuple[str, ...] | None:
@@ -576,6 +595,8 @@ def _parse_metrics(raw: Any, problems: list, warnings: list) -> list[MetricConfi
         return []
     if not entries:
         problems.append(("metrics", "defines no metric; add at least one"))
+    if len(entries) > 50:  # Unentropy's limit
+        problems.append(("metrics", f"defines {len(entries)} metrics; accepted: at most 50"))
     metrics, seen = [], set()
     for path, metric_id, body in entries:
         metric = _parse_metric(path, metric_id, body, problems, warnings)
@@ -617,15 +638,21 @@ def _parse_metric(path: str, metric_id: Any, body: Any, problems: list, warnings
                              or (unit not in UNITS and len(unit) > 10)):
         problems.append((f"{path}.unit", f"got {show(unit)}; accepted: {', '.join(UNITS)} "
                          "or a free text of at most 10 characters"))
+    elif isinstance(unit, str) and unit not in UNITS:
+        import difflib
+        close = difflib.get_close_matches(unit.lower(), UNITS, n=1, cutoff=0.7)
+        if close:  # a free-text unit is drawn as text; Unentropy refuses it outright
+            warnings.append(f"{path}.unit: {show(unit)} is not a known unit, so values are shown as plain "
+                            f"numbers followed by it; did you mean {show(close[0])}?")
     for name in ("name", "description"):
-        value = body.get(name)
-        if value is not None and (not isinstance(value, str) or len(value) > 256):
+        value = body.get(name, "" if name in body else None)
+        if name in body and (not isinstance(value, str) or len(value) > 256):
             problems.append((f"{path}.{name}", f"got {show(value)}; accepted: a string of at most "
                              "256 characters"))
     timeout = body.get("timeout")
-    if timeout is not None and (not _number(timeout) or not 0 < timeout <= 86_400_000):
-        problems.append((f"{path}.timeout", f"got {show(timeout)}; accepted: milliseconds (as "
-                         "Unentropy), a number greater than 0 and at most 86400000"))
+    if timeout is not None and (not _whole(timeout) or not 0 < timeout <= 300_000):
+        problems.append((f"{path}.timeout", f"got {show(timeout)}; accepted: a whole number of "
+                         "milliseconds (as Unentropy) from 1 to 300000 (5 minutes)"))
     elif timeout is not None and timeout < 100:
         warnings.append(f"{path}.timeout: {show(timeout)} is in milliseconds (as in Unentropy), so "
                         f"the command gets {show(timeout)} ms; for seconds write {show(timeout * 1000)}")

@@ -38,7 +38,14 @@ BAD_CONFIGS = [
     ("unit", {"metrics": {"coverage": {"type": "numeric", "command": "echo 1", "unit": "furlongs-per-fortnight"}}}, "metrics.coverage.unit", "percent"),
     ("name", {"metrics": {"coverage": {"type": "numeric", "command": "echo 1", "name": "n" * 257}}}, "metrics.coverage.name", "256"),
     ("description", {"metrics": {"coverage": {"type": "numeric", "command": "echo 1", "description": 5}}}, "metrics.coverage.description", "256"),
-    ("timeout", {"metrics": {"coverage": {"type": "numeric", "command": "echo 1", "timeout": -1}}}, "metrics.coverage.timeout", "greater than 0"),
+    ("timeout", {"metrics": {"coverage": {"type": "numeric", "command": "echo 1", "timeout": -1}}}, "metrics.coverage.timeout", "from 1 to 300000"),
+    # What Unentropy 0.3.16 refuses is refused here too, with what it accepts
+    ("timeout-long", {"metrics": {"coverage": {"type": "numeric", "command": "echo 1", "timeout": 300001}}}, "metrics.coverage.timeout", "300000"),
+    ("timeout-fraction", {"metrics": {"coverage": {"type": "numeric", "command": "echo 1", "timeout": 1500.5}}}, "metrics.coverage.timeout", "whole number"),
+    ("description-null", {"metrics": {"coverage": {"type": "numeric", "command": "echo 1", "description": None}}}, "metrics.coverage.description", "a string"),
+    ("metrics-many", {"metrics": {f"m{n}": {"type": "numeric", "command": "echo 1"} for n in range(51)}}, "metrics", "at most 50"),
+    ("theme", {"report": {"theme": "solarized"}}, "report.theme", "lattice, flux, halftone, specimen"),
+    ("theme-colour", {"report": {"theme": {"dark": {"--bg": "black"}}}}, "report.theme", "7-character hex"),
     ("direction", {"metrics": {"coverage": {"type": "numeric", "command": "echo 1", "direction": "sideways"}}}, "metrics.coverage.direction", '"up"'),
     ("metrics-empty", {"metrics": {}}, "metrics", "at least one"),
     ("metrics-type", {"metrics": "coverage"}, "metrics", "object"),
@@ -186,7 +193,7 @@ def test_unknown_keys_are_warned_about_and_ignored(run_local, tmp_path):
 
 
 def test_unentropy_sections_are_accepted_without_warnings(run_local, tmp_path):
-    extra = {"report": {"mode": "dark", "theme": "default", "sections": [
+    extra = {"report": {"mode": "dark", "theme": "lattice", "sections": [
                  {"name": "Quality", "charts": [{"metrics": ["coverage"], "title": "Coverage"}]}]},
              "qualityGate": {"mode": "soft", "thresholds": [{"metric": "coverage", "mode": "min", "target": 80}]},
              "sources": ["src", "!src/vendor"]}
@@ -202,3 +209,10 @@ def test_a_typo_in_a_required_key_is_named_beside_the_error(run_local, tmp_path)
     assert result.returncode == 2
     message = result.json()["error"]["message"]
     assert "metrics: is required" in message and "did you mean 'metrics'" in message
+
+
+def test_a_unit_typo_gets_a_did_you_mean(run_local, tmp_path):
+    config = write_config(tmp_path, {"count": {"type": "numeric", "command": "echo 3", "unit": "interger"}})
+    result = run_local("verify", str(config))
+    assert result.returncode == 0, result.output  # a free-text unit stays valid (a superset)
+    assert "metrics.count.unit" in result.output and "did you mean \"integer\"" in result.output
