@@ -5758,9 +5758,30 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     """The verb's arguments; no verb (or only options) means `run`, as before verbs existed."""
     argv = list(argv)
-    if not argv or (argv[0] not in VERBS and argv[0] not in ("-h", "--help", "--version")):
+    guessed = not argv or (argv[0] not in VERBS and argv[0] not in ("-h", "--help", "--version"))
+    if guessed:
         argv.insert(0, "run")
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unrecognized(unknown, argv[1] if guessed and len(argv) > 1 else None, parser, argv[0]))
+    return args
+
+
+def unrecognized(unknown: Sequence[str], first: str | None, parser: argparse.ArgumentParser, verb: str) -> str:
+    """argparse's complaint, with a did-you-mean for a mistyped verb or option."""
+    import difflib
+    options = list(parser._subparsers._group_actions[0].choices[verb]._option_string_actions)
+    hints = []
+    for token in unknown:
+        name = token.split("=", 1)[0]
+        if name.startswith("-"):
+            close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+        else:
+            close = difflib.get_close_matches(name, list(VERBS), n=1, cutoff=0.6) if token == first else []
+        if close:
+            hints.append(f"{token}: did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(unknown)}" + ("".join(f"\n  {hint}" for hint in hints))
 
 
 def write_outputs(path: str, outputs: Mapping[str, str], secrets: Sequence[str]) -> None:

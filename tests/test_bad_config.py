@@ -216,3 +216,12 @@ def test_a_unit_typo_gets_a_did_you_mean(run_local, tmp_path):
     result = run_local("verify", str(config))
     assert result.returncode == 0, result.output  # a free-text unit stays valid (a superset)
     assert "metrics.count.unit" in result.output and "did you mean \"integer\"" in result.output
+
+
+@pytest.mark.parametrize("args, hint", [(["rnu"], "rnu: did you mean run?"), (["chek"], "chek: did you mean check?"),
+                                        (["--bukcet", "b"], "--bukcet: did you mean --bucket?"),
+                                        (["report", "--local-dbb", "m.db"], "--local-dbb: did you mean --local-db?")])
+def test_a_mistyped_verb_or_option_gets_a_did_you_mean(run_local, tmp_path, args, hint):
+    result = run_local(*args)
+    assert result.returncode == 2 and hint in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "unentropy-metrics.db").exists()
