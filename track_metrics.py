@@ -317,13 +317,17 @@ TEMPLATES = {
 }
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a configuration file (every problem is reported at once)."""
+def load_config(path: Path, named_by: str = "") -> Config:
+    """Read and validate a configuration file (every problem is reported at once); `named_by`
+    says who named the path (the action's config-file input, --config) for the error."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise TrackMetricsError("CONFIG_NOT_FOUND", f"configuration file {path} does not exist; "
-                                "pass --config PATH or create unentropy.json", type="validation")
+        where = f"{path} (relative to {Path.cwd()})" if not Path(path).is_absolute() else str(path)
+        advice = (f"{named_by} names it: check that value" if named_by
+                  else "pass --config PATH (input config-file) or create unentropy.json")
+        raise TrackMetricsError("CONFIG_NOT_FOUND", f"configuration file {where} does not exist; {advice}",
+                                type="validation")
     except (OSError, UnicodeDecodeError) as exc:
         raise TrackMetricsError("CONFIG_NOT_FOUND", f"cannot read configuration file {path}: {exc}",
                                 type="validation")
@@ -5942,15 +5946,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     console.verbose = args.verbose or environ.get("INPUT_VERBOSE", "").lower() == "true"
     result = ActionResult()
     try:
-        config_path = Path(args.config or getattr(args, "config_file", None) or environ.get("INPUT_CONFIG-FILE", "").strip()
-                           or "unentropy.json")
+        config_input = environ.get("INPUT_CONFIG-FILE", "").strip()
+        config_path = Path(args.config or getattr(args, "config_file", None) or config_input or "unentropy.json")
+        named_by = "--config" if args.config else "the action's config-file input" if \
+            config_input and not getattr(args, "config_file", None) else ""
         if args.command == "verify":
             return verify_command(config_path, console)
         if args.command == "prune" and args.pull_requests_older_than is None and args.older_than is None:
             raise TrackMetricsError("PARAM_MISSING", "prune needs --pull-requests-older-than DAYS or "
                                     "--older-than DAYS", type="validation")
         if args.command == "gate":
-            config = load_config(config_path)
+            config = load_config(config_path, named_by)
             for warning in config.warnings:
                 console.warning(warning)
             with cancellation(float(environ.get("INPUT_TIMEOUT") or 300)):
@@ -5959,7 +5965,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             # check needs no metrics; report draws every metric the database defines, as stored
             config = Config(storage=StorageConfiguration() if args.command == "check" else None)
         else:
-            config = load_config(config_path)
+            config = load_config(config_path, named_by)
         for warning in config.warnings:
             console.warning(warning)
         params = ActionParameters.from_sources(args, environ, config, config_path)

@@ -225,3 +225,12 @@ def test_a_mistyped_verb_or_option_gets_a_did_you_mean(run_local, tmp_path, args
     result = run_local(*args)
     assert result.returncode == 2 and hint in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "unentropy-metrics.db").exists()
+
+
+def test_a_missing_config_under_the_action_names_the_input_and_its_value(run_local, tmp_path):
+    env = run_local.env(**{"INPUT_CONFIG-FILE": ".github/metrics.json", "GITHUB_ACTIONS": "true"})
+    result = run_local("--json", "--local-db", str(tmp_path / "m.db"), env=env)
+    assert result.returncode == 2
+    message = result.json()["error"]["message"]
+    assert ".github/metrics.json" in message and "config-file input" in message
+    assert "create unentropy.json" not in message
