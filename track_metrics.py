@@ -2703,6 +2703,14 @@ def parse_value(output: str, kind: str) -> Any:
     return value
 
 
+def one_line_reason(reason: str) -> str:
+    """Why a metric failed, in one line: the error itself, not "Traceback (most recent call
+    last):" (the last line of a command's stderr is where Python, Node and most tools say it)."""
+    head, _, stderr = reason.partition("; stderr: ")
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return (f"{head.splitlines()[0]}; stderr: {lines[-1]}" if lines else head.splitlines()[0])[:200]
+
+
 def cut_short(output: str) -> str | None:
     """The first line, when the number parseFloat reads from it stops before more digits
     ("1,234" reads as 1, "12 of 40" as 12): Unentropy records that silently; it deserves a word."""
@@ -5466,7 +5474,7 @@ class TrackingRun:
                                              self.config.report_mode, self.config.report_sections)
                 if self.result.metrics_failed:
                     summary += "\n**Not recorded:**\n\n" + "".join(
-                        f"- `{metric}`: {reason.splitlines()[0][:200]}\n" for metric, reason in self.result.metrics_failed.items())
+                        f"- `{metric}`: {one_line_reason(reason)}\n" for metric, reason in self.result.metrics_failed.items())
                 summary_path = self.environ.get("GITHUB_STEP_SUMMARY")
                 if summary_path:
                     with open(summary_path, "a", encoding="utf-8") as handle:

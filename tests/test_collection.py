@@ -144,3 +144,15 @@ def test_a_number_cut_short_is_recorded_as_unentropy_reads_it_with_a_warning(run
     assert "metric coverage:" not in result.stderr  # a unit after the number is no surprise
     assert database_rows((tmp_path / "m.db").read_bytes(), tmp_path,
                          "SELECT value_numeric FROM metric_values ORDER BY metric_id") == [(87.5,), (1.0,)]
+
+
+def test_the_job_summary_names_a_failed_metrics_error_not_the_traceback_header(run_local, tmp_path):
+    import sys
+    config = write_config(tmp_path, {"ok": {"type": "numeric", "command": "echo 1"},
+                                     "cov": {"type": "numeric", "command": f"{sys.executable} -c 'import nosuchmodule'"}})
+    summary = tmp_path / "summary.md"
+    result = run_local("--config", str(config), "--local-db", str(tmp_path / "m.db"),
+                       env=run_local.env(GITHUB_STEP_SUMMARY=str(summary)))
+    assert result.returncode == 0, result.output
+    line = next(line for line in summary.read_text().splitlines() if line.startswith("- `cov`"))
+    assert "ModuleNotFoundError: No module named 'nosuchmodule'" in line and "Traceback" not in line

@@ -240,3 +240,11 @@ def test_label_changes_are_counted_in_time_order_and_the_last_ten_kept():
     many = tm.Series("s", "label", None, "s", None, "neutral")
     tm.label_changes(many, iter((n, str(n // 2)) for n in range(100)))
     assert many.change_count == 50 and many.changes == [(n, str(n // 2)) for n in range(80, 100, 2)]
+
+
+def test_a_failure_reason_is_shown_by_its_error_line():
+    reason = ("exited with 1; expected a number such as 42; got ''; stderr: Traceback (most recent call last):\n"
+              '  File "cov.py", line 1, in <module>\n    import coverage\nModuleNotFoundError: No module named \'coverage\'')
+    assert tm.one_line_reason(reason) == ("exited with 1; expected a number such as 42; got ''; "
+                                          "stderr: ModuleNotFoundError: No module named 'coverage'")
+    assert tm.one_line_reason("timed out after 60 s") == "timed out after 60 s"
