@@ -279,7 +279,8 @@ class S3Credentials:
     access_key_id: str
     secret_access_key: str = field(repr=False)
     session_token: str | None = field(default=None, repr=False)
-    source: str = "explicit"  # or the botocore provider that supplied them (shared-credentials-file, …)
+    source: str = "the parameters"  # where they came from: the environment (AWS_ACCESS_KEY_ID), flags,
+    # action inputs, or the botocore provider that supplied them (shared-credentials-file, …)
     provider: Any = field(default=None, repr=False)  # botocore's own object: refreshes temporary ones
 
 
@@ -996,7 +997,11 @@ def _credentials(sources: _Sources, missing: list) -> S3Credentials | None:
             raise TrackMetricsError(
                 "PARAM_INVALID", f"{found[1]} holds a line break or another control character (its value "
                 "is not shown): copy the credential again without the trailing newline", type="validation")
-    return S3Credentials(key_id[0], secret[0], token[0] if token else None)
+    names = sorted({found[1] for found in (key_id, secret, token) if found})
+    kind = ("flags" if names[0].startswith("--") else "action inputs" if names[0].startswith("input ")
+            else "the environment")
+    return S3Credentials(key_id[0], secret[0], token[0] if token else None,
+                         f"{kind} ({', '.join(name.removeprefix('input ') for name in names)})")
 
 
 def credential_chain() -> S3Credentials | None:
@@ -1241,7 +1246,7 @@ class S3Client:
             "s3", params.s3.region)
         self.bucket = params.s3.bucket
         self.region, self.redirected, self.warn = params.s3.region, False, warn
-        self.aws, self.credential_source = params.s3.endpoint is None, credentials.source
+        self.aws, self.refreshable = params.s3.endpoint is None, credentials.provider is not None
         endpoint = urlsplit(params.s3.endpoint or f"https://s3.{params.s3.region}.amazonaws.com")
         self.scheme, self.netloc = endpoint.scheme, endpoint.netloc
         self.base_path = endpoint.path.rstrip("/")
@@ -1318,7 +1323,7 @@ class S3Client:
 
     def refresh(self) -> bool:
         """New credentials from the chain that supplied the expired ones (never for given keys)."""
-        if self.credential_source == "explicit":
+        if not self.refreshable:
             return False
         fresh = credential_chain()
         if fresh is None:

@@ -17,6 +17,8 @@ def test_check_passes_on_a_good_setup_and_leaves_nothing(run_cli, s3_server, buc
     assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
     table = run_cli("check", *run_cli.s3_args())
     assert "conditional writes honoured" in table.stdout and "ok" in table.stdout
+    credentials = next(row for row in result.json() if row["check"] == "credentials")
+    assert credentials["advice"] == "from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
 
 
 def test_check_reports_bad_credentials(run_cli, s3_server, bucket):
