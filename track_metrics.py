@@ -45,7 +45,8 @@ Error codes (``WorkflowError.code``):
     S3_CLOCK_SKEWED         this machine's clock is too far from the storage's
     S3_ACCESS_DENIED        the credentials lack a permission (s3:GetObject, s3:PutObject)
     S3_BUCKET_NOT_FOUND     the bucket does not exist
-    S3_NETWORK              connection refused or reset, DNS, TLS, timeouts (retryable)
+    S3_NETWORK              connection refused or reset, DNS, TLS, timeouts (retryable, but for TLS
+                            failures a retry cannot change: a certificate, plain HTTP on https://)
     S3_UNAVAILABLE          5xx, SlowDown, throttling after retries (retryable)
     S3_CONFLICT             concurrent writers kept winning the compare-and-swap (retryable)
     S3_CONDITIONAL_WRITES_UNSUPPORTED  the provider ignores If-Match / If-None-Match
@@ -1111,6 +1112,14 @@ PERMISSION_FOR = {"GetObject": "s3:GetObject", "HeadObject": "s3:GetObject",
 def s3_error(exc: Exception, action: str, target: str) -> TrackMetricsError:
     """Classify a failed request into one of the S3_* codes, with what to check."""
     details = {"action": action, "target": target}
+    if lasting_tls_error(exc):
+        plain = "WRONG_VERSION_NUMBER" in str(exc) or "wrong version number" in str(exc)
+        return TrackMetricsError(
+            "S3_NETWORK", f"{action} {target}: TLS failed ({type(exc).__name__}: {exc}), which retrying "
+            "cannot change; " + ("the endpoint answers plain HTTP: use an http:// endpoint with "
+                                 "--allow-http (input allow-http)" if plain else
+                                 "check the endpoint's certificate (AWS_CA_BUNDLE names a CA bundle)"),
+            retryable=False, details=details)
     if not isinstance(exc, S3Error):
         return TrackMetricsError(
             "S3_NETWORK", f"{action} {target}: network error ({type(exc).__name__}: {exc}); check "
@@ -1145,6 +1154,14 @@ def s3_error(exc: Exception, action: str, target: str) -> TrackMetricsError:
             "S3_UNAVAILABLE", f"{action} {target}: the storage is unavailable ({code}) after "
             "retries; try again later", retryable=True, details=details)
     return TrackMetricsError("S3_ERROR", f"{action} {target}: {code}: {exc.message}", details=details)
+
+
+def lasting_tls_error(exc: BaseException) -> bool:
+    """A TLS failure that a retry cannot change (a certificate, plain HTTP on an https:// URL),
+    unlike a handshake cut short by the network."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(exc, ssl.SSLError) and not isinstance(
+        exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError, ssl.SSLWantWriteError))
 
 
 def clock_skew(error: S3Error) -> str:
@@ -1290,8 +1307,8 @@ class S3Client:
                 error = parse_error(response.status, response.read(), dict(response.getheaders()))
             except self.errors as exc:
                 self.close()
-                if attempt >= self.attempts or isinstance(exc, socket.gaierror):
-                    raise  # a name that does not resolve will not resolve on a retry either
+                if attempt >= self.attempts or isinstance(exc, socket.gaierror) or lasting_tls_error(exc):
+                    raise  # a name that does not resolve, or a TLS failure, will not change on a retry
                 time.sleep(random.uniform(0, min(5.0, 0.1 * 2 ** attempt)))
                 continue
             if self.follow_region(error):  # as botocore's redirector: re-sign for it, once
@@ -1532,7 +1549,8 @@ class S3Storage:
                         "with another object's metadata), so retrying cannot help. Restore the backup "
                         f"(`aws s3 cp {source}.bak {source}`) or an older version; nothing was written",
                         retryable=False) from None
-                if exc.code not in ("CHECKSUM_MISMATCH", "S3_NETWORK") or attempt == DOWNLOAD_ATTEMPTS:
+                if exc.code not in ("CHECKSUM_MISMATCH", "S3_NETWORK") or not exc.retryable \
+                        or attempt == DOWNLOAD_ATTEMPTS:
                     raise
                 self.console.warning(f"download attempt {attempt} failed ({exc.message}); "
                                      "downloading again")

@@ -58,10 +58,13 @@ def test_action_inputs_take_precedence_over_the_environment_and_file(run_cli, s3
 
 def test_https_endpoints_verify_the_certificate(run_cli, https_proxy, s3_server, bucket, tmp_path, tls_certificate):
     config = write_config(tmp_path, SIMPLE_METRICS)
-    # Without the certificate in the trusted bundle, the TLS handshake is refused: a network error.
-    refused = run_cli.track(config, "--json", "--retry-attempts", "1", endpoint=https_proxy.endpoint)
-    assert refused.returncode == 75 and refused.json()["error"]["code"] == "S3_NETWORK"
+    # Without the certificate in the trusted bundle, the TLS handshake is refused: a network error
+    # that no retry can change (exit 1, not 75), saying where a CA bundle is named.
+    refused = run_cli.track(config, "--json", endpoint=https_proxy.endpoint)
+    assert refused.returncode == 1 and refused.json()["error"]["code"] == "S3_NETWORK"
     assert "CERTIFICATE_VERIFY_FAILED" in refused.json()["error"]["message"]
+    assert "AWS_CA_BUNDLE" in refused.json()["error"]["message"]
+    assert len(https_proxy.log) == 0  # refused in the handshake, once
     assert get_object(s3_server, bucket) is None
     trusted = run_cli.env(AWS_CA_BUNDLE=str(tls_certificate[0]))
     for _ in range(2):

@@ -110,3 +110,17 @@ def test_a_database_with_triggers_is_refused(run_cli, s3_server, bucket, tmp_pat
     assert result.returncode == 1
     assert result.json()["error"]["code"] == "DB_SCHEMA_UNKNOWN" and "triggers" in result.json()["error"]["message"]
     assert get_object(s3_server, bucket) == data
+
+
+def test_an_https_endpoint_answering_plain_http_fails_at_once_and_says_what_to_do(run_cli, s3_server, tmp_path):
+    import time
+    from conftest import SIMPLE_METRICS, write_config
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    https = s3_server.endpoint.replace("http://", "https://")
+    started = time.monotonic()
+    result = run_cli.track(config, "--json", endpoint=https)
+    assert time.monotonic() - started < 3  # not retried: the answer cannot change
+    assert result.returncode == 1, result.output
+    error = result.json()["error"]
+    assert error["code"] == "S3_NETWORK" and not error["retryable"]
+    assert "plain HTTP" in error["message"] and "--allow-http" in error["message"]
