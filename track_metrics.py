@@ -59,7 +59,8 @@ Error codes (``WorkflowError.code``):
     DB_TOO_LARGE            the database exceeds the 5 GiB single-PUT limit
     CHECKSUM_MISMATCH       the downloaded bytes do not match their size, SHA-256 or MD5 ETag
     DB_NOT_FOUND            `report` found no database to report on
-    DB_MISSING              the database key is missing but its backups exist (restore, or --new-history)
+    DB_MISSING              the database key is missing beside its backups or other databases (restore it,
+                            fix --database-key, or --new-history)
     DB_NOT_SQLITE           the object is not a SQLite database
     DB_CORRUPT              SQLite's integrity check failed (on two downloads)
     DB_SCHEMA_UNKNOWN       a SQLite database this tool cannot write (tables, UNIQUE keys, triggers)
@@ -5231,11 +5232,11 @@ class TrackingRun:
                                         "is no history to report on (check the path or key)")
             if self.expected is None and self.change is not None:
                 self.refuse_a_lost_history()
+                self.refuse_a_second_history()
             if self.expected is None:
                 phase.metadata["first_run"] = True
                 self.console.info(f"download: {self.storage.location} does not exist yet; "
                                   "starting a new database")
-                self.warn_other_databases()
             else:
                 phase.metadata.update(size=self.expected.size, sha256=self.expected.sha256,
                                       etag=self.expected.etag)
@@ -5267,10 +5268,10 @@ class TrackingRun:
             f"moved, and a new one would later overwrite its backup. Nothing was written. Restore it "
             f"(`{restore}`, then run again), or pass --new-history (input new-history) to start over")
 
-    def warn_other_databases(self) -> None:
-        """No silent second history: a first run beside other databases says so (Unentropy's
-        key is unentropy-metrics.db, this tool's once was unentropy.db)."""
-        if not isinstance(self.storage, S3Storage):
+    def refuse_a_second_history(self) -> None:
+        """No silent second history: a first run beside other databases is most likely a typo'd
+        key (or Unentropy's unentropy-metrics.db under another name); it needs --new-history."""
+        if not isinstance(self.storage, S3Storage) or self.params.new_history:
             return
         try:
             others = self.storage.other_databases()
@@ -5278,10 +5279,13 @@ class TrackingRun:
             self.console.debug(f"  could not list the key's folder ({exc.code})")
             return
         if others:
-            self.console.warning(
-                f"{self.storage.location} does not exist, but {', '.join(others[:5])} "
-                f"{'is' if len(others) == 1 else 'are'} beside it: if that is your history, pass "
-                f"--database-key (input database-key) {others[0]}; otherwise a new history starts here")
+            import difflib
+            closest = (difflib.get_close_matches(self.storage.key, others, n=1, cutoff=0) or others)[0]
+            raise TrackMetricsError(
+                "DB_MISSING", f"{self.storage.location} does not exist, but {', '.join(others[:5])} "
+                f"{'is' if len(others) == 1 else 'are'} beside it. Nothing was written. If {closest} is "
+                f"your history, pass --database-key (input database-key) {closest}; if a second history "
+                "is meant, pass --new-history (input new-history)")
 
     def fetch_expected(self) -> None:
         """(Re)download the object the next upload must replace."""

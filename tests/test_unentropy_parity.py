@@ -219,16 +219,21 @@ def test_build_events_from_other_cis(environ, expected):
     assert forced.event_name == "import"
 
 
-def test_a_first_run_beside_another_history_names_it(run_cli, s3_server, bucket, tmp_path):
-    s3_server.client().put_object(Bucket=bucket, Key="team/unentropy.db", Body=b"old history")
+def test_a_first_run_beside_other_histories_is_refused_naming_the_closest(run_cli, s3_server, bucket, tmp_path):
+    """A typo'd key (or Unentropy's old name) must not start a second history with exit 0."""
+    for key in ("team/aaa.db", "team/unentropy.db", "team/zzz.db"):
+        s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"old history")
     config = write_config(tmp_path, {"a": {"type": "numeric", "command": "echo 1"}})
-    result = run_cli.track(config, "--database-key", "team/unentropy-metrics.db")
-    assert result.returncode == 0, result.output
-    assert "team/unentropy.db is beside it" in result.stderr
-    assert "--database-key" in result.stderr
+    result = run_cli.track(config, "--json", "--database-key", "team/unentropy-metrics.db")
+    assert result.returncode == 1, result.output
+    error = result.json()["error"]
+    assert error["code"] == "DB_MISSING" and "--database-key (input database-key) team/unentropy.db" in error["message"]
+    assert get_object(s3_server, bucket, "team/unentropy-metrics.db") is None
+    meant = run_cli.track(config, "--database-key", "team/unentropy-metrics.db", "--new-history")
+    assert meant.returncode == 0, meant.output
     assert get_object(s3_server, bucket, "team/unentropy-metrics.db") is not None
     quiet = run_cli.track(config, "--database-key", "elsewhere/unentropy-metrics.db")
-    assert "beside it" not in quiet.stderr
+    assert quiet.returncode == 0 and "beside it" not in quiet.stderr
 
 
 def test_without_list_permission_the_first_run_goes_on_quietly(run_cli, proxy, s3_server, bucket, tmp_path):
