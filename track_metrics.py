@@ -4895,6 +4895,8 @@ class Change:
     backups, the stamp and cleanup are the update path's, alike for every change."""
     dry_run = False
     vacuum = False
+    changed = True  # set by apply: False when the base needs no new version (nothing is uploaded)
+    said = ""  # what it did (or, dry, would do), for the run's last line
     rerun = "re-run the same command (what it adds is recorded once)"
 
     def prepare(self, tracking: "TrackingRun", phase: WorkflowPhase) -> None:
@@ -4959,10 +4961,14 @@ class ImportChange(Change):
                 added, refused = apply_imports(connection, self.records)  # on a copy of the copy
             finally:
                 connection.close()
-            console.info(f"import (dry run): would add {count(added, 'value')}; nothing was uploaded")
+            self.said = f"would add {count(added, 'value')} (dry run: nothing was uploaded, no report written)"
+            console.info(f"import: {self.said}")
 
     def apply(self, connection: sqlite3.Connection, tracking: "TrackingRun") -> Callable[[], None]:
         added, refused = apply_imports(connection, self.records)
+        self.changed = added > 0
+        self.said = f"{count(added, 'new value')} imported" if added else \
+            "nothing new to import (every value is already there): nothing was uploaded"
 
         def done() -> None:
             for why in refused:
@@ -4992,11 +4998,17 @@ class PruneChange(Change):
         verb = "would remove" if self.dry_run else "removes"
         tracking.console.info(f"prune: {verb} {count(len(removed), 'build')} of "
                               f"{count(tracking.result.total_builds, 'build')} (the latest build of every "
-                              "branch stays)" + ("; nothing was uploaded" if self.dry_run else ""))
+                              "branch stays)")
+        if self.dry_run:
+            self.said = (f"would remove {count(len(removed), 'build')} (dry run: nothing was uploaded, "
+                         "no report written)")
 
     def apply(self, connection: sqlite3.Connection, tracking: "TrackingRun") -> Callable[[], None]:
         removed = prune_plan(connection, self.request, now_utc())  # on this attempt's base
         values = apply_prune(connection, removed)
+        self.changed = bool(removed) or self.vacuum
+        self.said = f"removed {count(len(removed), 'build')}" if self.changed else \
+            "nothing to prune: nothing was uploaded"
         return lambda: tracking.console.info(f"prune: removed {count(len(removed), 'build')} and "
                                              f"{count(values, 'value')}")
 
@@ -5201,7 +5213,7 @@ class TrackingRun:
                 self.upload()
             else:
                 self.working = self.base
-            if self.params.report:
+            if self.params.report and not (self.change and self.change.dry_run):
                 self.report()
             self.result.success = self.result.error is None
         except (TrackMetricsError, Cancelled) as exc:
@@ -5434,7 +5446,10 @@ class TrackingRun:
                     if attempt:
                         self.fetch_expected()
                         self.base = self.load_base(self.workspace / "downloaded.db")
-                    sha256, md5, size = self.apply_build()
+                    prepared = self.apply_build()
+                    if prepared is None:
+                        break
+                    sha256, md5, size = prepared
                     if self.params.backup and self.backup_allowed:
                         self.storage.backup(self.expected)
                     uploaded = self.storage.store(self.working, self.expected, sha256, md5, size,
@@ -5444,6 +5459,11 @@ class TrackingRun:
                 except Conflict:
                     self.conflict_pause(attempt, "upload: another run updated the database; adding "
                                         "this build to the newer version")
+            if prepared is None:
+                phase.metadata["unchanged"] = True
+                self.result.total_builds = count_builds(self.working)
+                self.console.info(f"upload: nothing changed in {self.storage.location}; nothing was uploaded")
+                return
             phase.metadata.update(attempts=attempt + 1, size=size, sha256=sha256, etag=uploaded.etag)
             self.result.database = DatabaseFile(self.storage.key, size, uploaded.last_modified,
                                                 uploaded.etag, uploaded.version_id, sha256,
@@ -5462,10 +5482,11 @@ class TrackingRun:
         finally:
             successor.unlink(missing_ok=True)
 
-    def apply_build(self) -> tuple[str, str, int]:
+    def apply_build(self) -> tuple[str, str, int] | None:
         """Apply this run's change to the base database (a conflict downloads a new base, so it
-        is moved, not copied: at hundreds of MB a copy costs), and ready it for upload. The
-        change is the verb's: a build (run), records (import) or removals (prune)."""
+        is moved, not copied: at hundreds of MB a copy costs), and ready it for upload; None
+        when the change found nothing to change. The change is the verb's: a build (run),
+        records (import) or removals (prune)."""
         os.replace(self.base, self.working)
         self.keep_workspace = True  # from here on the change exists only locally
         connection = open_database(self.working)
@@ -5475,18 +5496,22 @@ class TrackingRun:
             trusted = summary_trusted(self.working, connection)
             watch_changes(connection)
             done = self.change.apply(connection, self)
-            self.console.debug(f"  summary: {refresh_summary(connection, rebuild=not trusted)}"
-                               f"{'' if trusted else ' (the file was not sealed by this tool)'}")
-            self.generation = bump_generation(connection)
-            if self.change.vacuum:
-                connection.execute("VACUUM")
-            seal_summary(self.working, connection)
+            if self.change.changed:
+                self.console.debug(f"  summary: {refresh_summary(connection, rebuild=not trusted)}"
+                                   f"{'' if trusted else ' (the file was not sealed by this tool)'}")
+                self.generation = bump_generation(connection)
+                if self.change.vacuum:
+                    connection.execute("VACUUM")
+                seal_summary(self.working, connection)
         except sqlite3.Error as exc:
             raise TrackMetricsError("DB_WRITE_FAILED", f"changing the database failed: {exc}; "
                                     f"{UNTOUCHED.replace(' (see --on-corrupt)', '')}") from exc
         finally:
             connection.close()
         done()
+        if not self.change.changed:
+            self.keep_workspace = False
+            return None
         check_upload_size(self.working.stat().st_size)
         # A few changes to a checked file: quick_check and the schema suffice, unless asked for more.
         return prepare_upload(self.working, "full" if self.params.integrity == "full" else "quick")
@@ -5891,9 +5916,11 @@ def export_command(args: argparse.Namespace, params: ActionParameters, console: 
     return EXIT_OK
 
 
-def done_line(command: str, result: ActionResult) -> str:
+def done_line(command: str, result: ActionResult, change: Change | None = None) -> str:
     """The last line of a successful run: what was recorded, what failed, where it all is."""
     report = f"; report: {result.report_path}" if result.report_path else ""
+    if change is not None and change.said:
+        return f"done: {change.said}; {count(result.total_builds, 'build')} in {result.database_location}{report}"
     if command != "run":
         imported = f"{count(len(result.metrics_collected), 'metric')} imported, " if command == "import" else ""
         imported = "pruned, " if command == "prune" else imported
@@ -6027,7 +6054,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         change = changes[args.command]()
         result = run(params, config, console, environ, change, read_only=change is None)
         if result.success:
-            console.info(done_line(args.command, result))
+            console.info(done_line(args.command, result, change))
             if args.command == "run" and result.metrics_failed and getattr(args, "fail_on_missing", False):
                 console.error(f"[METRICS_MISSING] {', '.join(result.metrics_failed)} recorded no value "
                               "(--fail-on-missing)")

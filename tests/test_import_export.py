@@ -318,3 +318,22 @@ def test_export_then_import_recreates_the_same_builds_and_definitions(run_local,
     assert rows(second, "SELECT id, unit, description FROM metric_definitions") == [
         ("coverage", "percent", "Lines covered")]
     assert run_local("export", "--local-db", str(second)).stdout == exported.stdout
+
+
+def test_dry_runs_and_no_ops_say_what_they_did_and_write_nothing(run_cli, s3_server, bucket, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_cli.track(config).returncode == 0
+    history = write_jsonl(tmp_path / "h.jsonl", records(3))
+    storage = ["--config", str(config), *run_cli.s3_args(), "--report-dir", str(tmp_path / "dry-report")]
+    for verb in (["import", history], ["prune", "--older-than", "1"]):
+        dry = run_cli(*verb, *storage, "--dry-run")
+        assert dry.returncode == 0, dry.output
+        assert dry.stderr.strip().splitlines()[-1].startswith("done: would ")
+        assert not (tmp_path / "dry-report").exists()
+    before = s3_server.client().head_object(Bucket=bucket, Key="unentropy-metrics.db")["ETag"]
+    assert run_cli("import", history, *storage).returncode == 0
+    after = s3_server.client().head_object(Bucket=bucket, Key="unentropy-metrics.db")["ETag"]
+    assert after != before
+    again = run_cli("import", history, *storage)
+    assert again.returncode == 0 and "nothing new to import" in again.stderr
+    assert s3_server.client().head_object(Bucket=bucket, Key="unentropy-metrics.db")["ETag"] == after
