@@ -12,7 +12,7 @@ from conftest import ROOT, SIMPLE_METRICS, TOOL, write_config
 
 
 def test_the_typical_example_runs_as_shipped_from_a_repository_root(run_local, tmp_path):
-    """examples/github-workflow.yml and gitlab-ci.yml run it with config-file examples/typical/…"""
+    """examples/typical/unentropy.json, as the workflow examples run it once a user has copied it."""
     repo = tmp_path / "project"
     (repo / "examples" / "typical").mkdir(parents=True)
     shutil.copy(ROOT / "examples" / "typical" / "unentropy.json", repo / "examples" / "typical")
