@@ -3693,13 +3693,22 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
-def nice_ticks(low: float, high: float, count: int = 4) -> list[float]:
-    """Round tick values from at or below `low` to at or above `high`."""
+def nice_ticks(low: float, high: float, count: int = 4, unit: str | None = None) -> list[float]:
+    """Round tick values from at or below `low` to at or above `high`: round in the unit's own
+    numbers (whole for integers, 1024-based for bytes, so 200 KB is a tick, not 195.3 KB)."""
     if low == high:
         low, high = low - (abs(low) * 0.1 or 1), high + (abs(high) * 0.1 or 1)
-    raw = (high - low) / count
+    scale = 1.0
+    if unit == "bytes":  # the unit format_value will name: ticks are round in it
+        while max(abs(low), abs(high)) / scale >= 1024 and scale < 1024**4:
+            scale *= 1024
+    raw = (high - low) / scale / count
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    multiples = (1, 2, 5, 10) if unit in ("integer", "bytes") else (1, 2, 2.5, 5, 10)
+    step = next(m * magnitude for m in multiples if m * magnitude >= raw)
+    if unit == "integer" or (unit == "bytes" and scale == 1):
+        step = max(1.0, round(step))
+    step *= scale
     first, last = math.floor(low / step), math.ceil(high / step)
     return [round(index * step, 10) for index in range(first, last + 1)]
 
@@ -3719,7 +3728,7 @@ def time_labels(low: float, high: float) -> list[str]:
 def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str:
     """An inline SVG line chart of (time, value, build index) points: axes, gridlines, tick
     labels and a marker on the latest point. `points` are already downsampled for drawing."""
-    ticks = nice_ticks(series.minimum, series.maximum)
+    ticks = nice_ticks(series.minimum, series.maximum, unit=series.unit)
     labels = [format_value(tick, series.unit) for tick in ticks]
     # Tick labels stand in a margin of their own, wide enough at the phone-size font.
     width, height, right, top, bottom = 600, 240, 8, 12, 30
@@ -3753,8 +3762,8 @@ def svg_chart(series: Series, points: Sequence[tuple[float, float, int]]) -> str
             continue
         shown.append(label)
         moment = t_low + (t_high - t_low) * index / 3
-        parts.append(f'<text class="tick" x="{x(moment):.1f}" y="{height - 6}" text-anchor='
-                     f'"{("start", "middle", "middle", "end")[index]}">{label}</text>')
+        parts.append(f'<text class="tick{" inner" if index in (1, 2) else ""}" x="{x(moment):.1f}" '
+                     f'y="{height - 6}" text-anchor="{("start", "middle", "middle", "end")[index]}">{label}</text>')
     line = " ".join(f"{left + (t - t_low) * x_scale:.1f},{top + (y_high - v) * y_scale:.1f}" for t, v, _ in points)
     parts.append(f'<polyline class="line" points="{line}"/>')
     last_t, last_v, _ = points[-1]
@@ -3786,7 +3795,8 @@ h1{font-size:1.35rem;margin:0 0 .2rem;overflow-wrap:anywhere}h2{font-size:1rem;m
 .chart{width:100%;height:auto;display:block;margin-top:8px;overflow:visible}
 .chart .grid{stroke:var(--grid);stroke-width:1}.chart .axis{stroke:var(--muted);stroke-width:1}
 .chart .tick{fill:var(--muted);font-size:13px;paint-order:stroke;stroke:var(--card);stroke-width:4px;stroke-linejoin:round}
-@media (max-width:640px){.chart .tick{font-size:21px}}
+.scroll-hint{display:none;font-size:.8rem;margin:.3rem 0 0}
+@media (max-width:640px){.chart .tick{font-size:21px}.chart .tick.inner{display:none}.scroll-hint{display:block}}
 .chart .line{fill:none;stroke:var(--line);stroke-width:2;stroke-linejoin:round}
 .chart .latest{fill:var(--line);stroke:var(--card);stroke-width:2}.chart .hover{fill:var(--text)}
 .tip{position:fixed;z-index:9;pointer-events:none;background:var(--text);color:var(--bg);padding:4px 8px;border-radius:6px;font-size:.8rem;white-space:nowrap}
@@ -3980,7 +3990,8 @@ def _builds_table(builds: Builds, shown: Sequence[str], cells: Mapping[tuple[str
         rows.append(f'<tr data-branch="{esc(str(branch))}" data-time="{esc(when)}"><td><code>'
                     f'{esc(str(commit)[:7])}</code></td><td>{esc(str(branch))}</td><td>#{esc(str(run_number))}'
                     f'</td><td>{esc(when)}</td>{values}</tr>')
-    return (f'<section class="card"><h2>Recent builds</h2><div class="table-wrap"><table><thead><tr>'
+    hint = f'<p class="scroll-hint muted">The table scrolls sideways: {len(shown) + 4} columns.</p>'
+    return (f'<section class="card"><h2>Recent builds</h2>{hint}<div class="table-wrap"><table><thead><tr>'
             f'<th>commit</th><th>branch</th><th>run</th><th>time (UTC)</th>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div></section>')
 

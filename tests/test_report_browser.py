@@ -71,6 +71,14 @@ def test_the_report_in_chromium(browser, report, tmp_path, width, scheme):
             assert len(points) == BUILDS
         assert page.locator("article.label").count() == 1
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        # No two tick labels of a chart overlap, at either width (dates on the x axis included).
+        overlaps = page.evaluate("""() => [...document.querySelectorAll('svg.chart')].map(svg =>
+            [...svg.querySelectorAll('text.tick')].filter(t => getComputedStyle(t).display !== 'none')
+            .map(t => t.getBoundingClientRect())).reduce((n, boxes) => n + boxes.filter((a, i) =>
+            boxes.some((b, j) => j > i && a.left < b.right - 0.5 && b.left < a.right - 0.5 &&
+                       a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5)).length, 0)""")
+        assert overlaps == 0
+        assert page.locator(".scroll-hint").is_visible() == (width == 375)
         background = page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert (background == "rgb(16, 18, 22)") == (scheme == "dark"), background
 

@@ -249,3 +249,13 @@ def test_a_failure_reason_is_shown_by_its_error_line():
     assert tm.one_line_reason(reason) == ("exited with 1; expected a number such as 42; got ''; "
                                           "stderr: ModuleNotFoundError: No module named 'coverage'")
     assert tm.one_line_reason("timed out after 60 s") == "timed out after 60 s"
+
+
+def test_integer_ticks_are_whole_and_byte_ticks_round_in_their_unit():
+    ticks = tm.nice_ticks(10, 20, unit="integer")
+    assert all(tick == int(tick) for tick in ticks)  # never a 12.5 labelled 12
+    assert tm.nice_ticks(0, 3, unit="integer") == [0, 1, 2, 3]
+    kib = [tick / 1024 for tick in tm.nice_ticks(195_300, 488_300, unit="bytes")]
+    assert all(value == round(value) for value in kib)  # 200 KB, not 195.3 KB
+    assert [tm.format_value(tick, "bytes") for tick in tm.nice_ticks(195_300, 488_300, unit="bytes")][:2] == \
+        ["100.0 KB", "200.0 KB"]
