@@ -2533,11 +2533,14 @@ def bump_generation(connection: sqlite3.Connection) -> int:
 # changed since) fails the seal's check: the report then reads the values, and this tool's next
 # change rebuilds the summary.
 SUMMARY_SIZES = (16, 256)
+TREND_EVENTS = ("push", "import")  # the builds a report's trend and a gate's baseline are made of
+TREND_SQL = "('push', 'import')"
 # What a block is made of: numeric values (one build each) or the blocks of the size below —
 # table, key, count, lowest, highest, their builds, and which rows count.
 BLOCK_PARTS = {
     1: ("metric_values", "s.build_id", "1", "s.value_numeric", "s.value_numeric", "s.build_id", "s.build_id",
-        "typeof(s.build_id) = 'integer' AND s.build_id >= 0 AND typeof(s.value_numeric) IN ('integer', 'real')"),
+        "typeof(s.build_id) = 'integer' AND s.build_id >= 0 AND typeof(s.value_numeric) IN ('integer', 'real')"
+        f" AND (SELECT event_name FROM build_contexts WHERE id = s.build_id) IN {TREND_SQL}"),
     SUMMARY_SIZES[0]: ("track_metrics_summary", "s.block", "s.n", "s.lo", "s.hi", "s.lo_build", "s.hi_build",
                        f"s.size = {SUMMARY_SIZES[0]}"),
 }
@@ -2631,7 +2634,7 @@ def summary_seal(path: Path, connection: sqlite3.Connection, commits: int = 0) -
     counter = (int.from_bytes(header[24:28], "big") + commits) % 2 ** 32
     last, builds = connection.execute("SELECT (SELECT MAX(id) FROM metric_values),"
                                       " (SELECT COUNT(*) FROM build_contexts)").fetchone()
-    return f"1 {counter} {last} {builds}"
+    return f"2 {counter} {last} {builds}"  # 2: the summary of trend builds only
 
 
 def summary_trusted(path: Path, connection: sqlite3.Connection) -> bool:
@@ -3511,8 +3514,17 @@ class Builds:
     details of the builds the report names, read by id when asked."""
 
     def __init__(self, connection: sqlite3.Connection, branch: str | None, recent: int = 20):
-        self.connection, self.filter = connection, (" AND b.branch = ?", (branch,)) if branch else ("", ())
-        where, arguments = (" WHERE branch = ?", (branch,)) if branch else ("", ())
+        # As Unentropy's report: the trend is push and import builds; a branch chosen shows all of
+        # its builds (its pull requests too), and a history without trend builds (a laptop's) all.
+        trend, other = connection.execute(
+            f"SELECT EXISTS (SELECT 1 FROM build_contexts WHERE event_name IN {TREND_SQL}), EXISTS (SELECT 1"
+            f" FROM build_contexts WHERE event_name IS NULL OR event_name NOT IN {TREND_SQL})").fetchone()
+        self.trend_only = not branch and trend == 1
+        # Filtered only when there is something to leave out: the (timestamp, id) index alone then
+        # walks a history of trend builds, without reading each build's row for its event.
+        where, arguments = (" WHERE branch = ?", (branch,)) if branch else \
+            (f" WHERE event_name IN {TREND_SQL}", ()) if self.trend_only and other else ("", ())
+        self.connection, self.filter = connection, (where.replace(" WHERE ", " AND b."), arguments)
         self.total, first, last = connection.execute(
             f"SELECT COUNT(*), MIN(timestamp), MAX(timestamp) FROM build_contexts{where}", arguments).fetchone()
         self.span = [str(first or ""), str(last or "")]
@@ -3554,7 +3566,7 @@ def read_history(path: Path, connection: sqlite3.Connection, configured: Sequenc
         "SELECT build_id, metric_id, CASE WHEN typeof(value_numeric) IN ('integer', 'real') THEN value_numeric"
         " WHEN typeof(value_label) = 'text' THEN value_label END FROM metric_values WHERE build_id IN"
         f" ({','.join('?' * len(builds.newest))})", builds.newest) if value is not None)
-    summarised = not branch and summary_trusted(path, connection)
+    summarised = builds.trend_only and summary_trusted(path, connection)  # the summary holds the trend
     # The largest block size that still gives 250 blocks (1,000 points' worth); fewer builds: values.
     size = max([s for s in SUMMARY_SIZES if builds.total // s >= limit // 4] or [0])
     filter_sql, filter_arguments = builds.filter
@@ -4040,7 +4052,7 @@ def write_report(database: Path, report_dir: Path, configured: Sequence[MetricCo
 
 GATE_MARKER = "<!-- unentropy-quality-gate -->"
 GATE_RESULTS = ".unentropy/quality-gate-results.json"
-BASELINE_EVENTS = ("push", "import")  # pull-request builds are never a baseline
+BASELINE_EVENTS = TREND_EVENTS  # pull-request builds are never a baseline
 COMMENT_LIMIT = 65_000
 
 

@@ -25,15 +25,18 @@ def write_config(tmp_path, values: dict) -> str:
     return str(path)
 
 
+TREND = " AND b.event_name IN ('push', 'import')"  # the report's trend, as Unentropy's: push and import builds
+
+
 def slow_cards(database) -> dict:
-    """Every card the slow way: all values of each metric, sorted by (time, build id) in Python."""
+    """Every card the slow way: all trend values of each metric, sorted by (time, build id) in Python."""
     connection = sqlite3.connect(database)
     cards = {}
     for metric_id, kind in connection.execute("SELECT id, type FROM metric_definitions"):
         column = "value_numeric" if kind == "numeric" else "value_label"
         rows = sorted(connection.execute(
             f"SELECT b.timestamp, b.id, v.{column} FROM metric_values v JOIN build_contexts b ON b.id = v.build_id"
-            f" WHERE v.metric_id = ? AND v.{column} IS NOT NULL", (metric_id,)))
+            f" WHERE v.metric_id = ? AND v.{column} IS NOT NULL{TREND}", (metric_id,)))
         values = [value for _, _, value in rows]
         card = {"count": len(values), "latest": values[-1], "previous": values[-2]}
         if kind == "numeric":
@@ -99,7 +102,7 @@ def check_against_the_slow_way(database, tmp_path, expect_summary: bool = True) 
         assert slow[metric_id]["minimum"] in drawn_values and slow[metric_id]["maximum"] in drawn_values
         latest = connection.execute(
             "SELECT b.id FROM build_contexts b JOIN metric_values v ON v.build_id = b.id AND v.metric_id = ?"
-            " ORDER BY b.timestamp DESC, b.id DESC LIMIT 1", (metric_id,)).fetchone()[0]
+            f" WHERE 1 = 1{TREND} ORDER BY b.timestamp DESC, b.id DESC LIMIT 1", (metric_id,)).fetchone()[0]
         assert latest in dict(points)
     connection.close()
     for metric_id, card in slow.items():  # and the page says so
@@ -136,13 +139,14 @@ def test_the_summary_gives_the_slow_ways_cards_through_runs_imports_reruns_and_p
     for n, values in enumerate([{"coverage": 99.5}, {"bundle-size": 9_999_999}, {"coverage": 87},
                                 {"lines-of-code": -5, "build-status": "flaky"}]):
         result = run_local("--config", write_config(tmp_path, values), "--local-db", str(database),
-                           "--commit", f"{n:x}" * 40, "--run-id", f"new-{n}", "--branch", "main", "--verbose")
+                           "--commit", f"{n:x}" * 40, "--run-id", f"new-{n}", "--branch", "main", "--event", "push",
+                           "--verbose")
         assert result.returncode == 0, result.output
         assert "summary: 1 block of 16 builds refreshed" in result.stderr  # the seal held: no rebuild
         check_against_the_slow_way(database, tmp_path)
     # A re-run replaces a build's values: the old maximum 9,999,999 must leave the summary.
     result = run_local("--config", write_config(tmp_path, {}), "--local-db", str(database),
-                       "--commit", "1" * 40, "--run-id", "new-1", "--branch", "main")
+                       "--commit", "1" * 40, "--run-id", "new-1", "--branch", "main", "--event", "push")
     assert result.returncode == 0, result.output
     check_against_the_slow_way(database, tmp_path)
     assert "9,999,999" not in html_card(tmp_path, "bundle-size")
@@ -186,3 +190,18 @@ def test_a_report_of_one_branch_counts_only_its_builds(run_local, tmp_path):
     text = html_card(tmp_path, "bundle-size")
     assert f">{count:,} points<" in text
     assert f"min {tm.format_value(low, 'bytes')}<" in text and f"max {tm.format_value(high, 'bytes')}<" in text
+
+
+def test_the_trend_is_push_and_import_builds_as_in_unentropy(run_local, tmp_path):
+    """A pull request's 79% never becomes the headline: its builds are drawn when its branch is chosen."""
+    database = make_history(tmp_path / "h.db", 400, METRICS)
+    push = run_local("--config", write_config(tmp_path, {"coverage": 91}), "--local-db", str(database),
+                     "--commit", "a" * 40, "--run-id", "p", "--branch", "main", "--event", "push")
+    assert push.returncode == 0, push.output
+    pull = run_local("--config", write_config(tmp_path, {"coverage": 79}), "--local-db", str(database),
+                     "--commit", "b" * 40, "--run-id", "pr", "--branch", "feature", "--event", "pull_request")
+    assert pull.returncode == 0, pull.output
+    assert re.search(r'<div class="latest-value">91(\.0+)?%</div>', html_card(tmp_path, "coverage"))
+    assert run_local("report", "--config", write_config(tmp_path, {}), "--local-db", str(database),
+                     "--report-branch", "feature").returncode == 0
+    assert re.search(r'<div class="latest-value">79(\.0+)?%</div>', html_card(tmp_path, "coverage"))
