@@ -3528,8 +3528,10 @@ class Builds:
         self.total, first, last = connection.execute(
             f"SELECT COUNT(*), MIN(timestamp), MAX(timestamp) FROM build_contexts{where}", arguments).fetchone()
         self.span = [str(first or ""), str(last or "")]
-        self.branches = [str(name) for (name,) in connection.execute(
-            f"SELECT DISTINCT branch FROM build_contexts{where} ORDER BY branch", arguments)]
+        counted = connection.execute(f"SELECT branch, COUNT(*) FROM build_contexts{where} GROUP BY branch"
+                                     " ORDER BY branch", arguments).fetchall()
+        self.branches = [str(name) for name, _ in counted]
+        self.per_branch = [number for _, number in counted]  # the header's count when a branch is chosen
         self.details: dict[int, tuple[str, str, Any, str]] = {}  # id → commit, branch, run, time
         self.times: dict[int, float] = {}  # id → seconds
         self.newest = [build_id for (build_id,) in connection.execute(  # idx_build_timestamp holds (time, id)
@@ -3853,14 +3855,30 @@ function restat(c){var q=card(c),s=c.saved,idx=[];
  var lo=idx[0],hi=idx[0];idx.forEach(function(i){if(c.d.r[i]<c.d.r[lo])lo=i;if(c.d.r[i]>c.d.r[hi])hi=i;});
  q('.latest-value').textContent=c.d.v[last];q('.stat-min').textContent='min '+c.d.v[lo];
  q('.stat-max').textContent='max '+c.d.v[hi];q('.stat-count').textContent=idx.length+(idx.length==1?' point':' points');
- var ch='first value',cls='change';if(prev!==undefined){var d=c.d.r[last]-c.d.r[prev],p=c.d.r[prev];
-  ch=(d>0?'+':d<0?'\u2212':'\u00b1')+(p?Math.abs(d/p*100).toFixed(1)+'% '+(c.d.u=='percent'?'relative ':''):'')+'vs '+c.d.v[prev];
-  if(d&&c.d.d!='neutral')cls+=((d>0)==(c.d.d=='up')?' better':' worse');}
+ var ch=change(c.d.r[last],prev===undefined?undefined:c.d.r[prev],c.d.u),cls='change';
+ if(prev!==undefined){var d=c.d.r[last]-c.d.r[prev];if(d&&c.d.d!='neutral')cls+=((d>0)==(c.d.d=='up')?' better':' worse');}
  q('.change').textContent=ch;q('.change').className=cls;
  mark.setAttribute('cx',c.pts[last][0]);mark.setAttribute('cy',c.pts[last][1]);mark.setAttribute('r',4.5);}
+function num(v,n){if(Number.isInteger(v)&&Math.abs(v)<1e15)return v.toLocaleString('en-US');
+ var t=v.toLocaleString('en-US',{minimumFractionDigits:n,maximumFractionDigits:n});return t.replace(/\\.?0+$/,'');}
+function dur(s){var g=s<0?'-':'';s=Math.abs(s);if(s<1)return g+(s*1000).toFixed(0)+'ms';if(s<60)return g+num(s,1)+'s';
+ var m=Math.floor(Math.round(s)/60),x=Math.round(s)%60,h=Math.floor(m/60);m%=60;
+ return g+(h?h+'h '+m+'m':(x?m+'m '+x+'s':m+'m'));}
+function fmt(v,u){if(u=='percent')return num(v,2)+'%';if(u=='integer')return Math.round(v).toLocaleString('en-US');
+ if(u=='bytes'){var z=Math.abs(v),i=0,sc=['B','KB','MB','GB','TB'];while(z>=1024&&i<4){z/=1024;i++;}
+  return (v<0?'-':'')+(i?z.toFixed(1)+' '+sc[i]:Math.floor(z)+' B');}
+ if(u=='duration')return dur(v);if(!u||u=='decimal')return num(v,u=='decimal'?3:2);return num(v,2)+' '+u;}
+function change(a,p,u){if(p===undefined)return 'first value';var d=a-p,g=d>0?'+':d<0?'\u2212':'\u00b1';
+ var t=g+fmt(Math.abs(d),u).replace(/^-/,'');if(u=='percent')t=t.replace(/%$/,'')+' pp';
+ if(p)t+=' ('+g+(Math.abs(d)/Math.abs(p)*100).toFixed(1)+'%'+(u=='percent'?' relative':'')+')';return t;}
+var count=document.getElementById('tm-count'),total=count.textContent;
 function apply(){charts.forEach(function(c){c.line.setAttribute('points',(!branch.value&&!since.value)?c.all:
  c.pts.filter(function(p,i){return visible(c.d.b[i]);}).map(function(p){return p.join(',');}).join(' '));restat(c);});
  document.getElementById('tm-branch-label').textContent='branch: '+(branch.value||'all branches');
+ var shown={};charts.forEach(function(c){c.d.b.forEach(function(b){if(visible(b))shown[b]=1;});});
+ count.textContent=since.value?Object.keys(shown).length+' builds drawn':branch.value?
+  (function(n){return n+(n==1?' build':' builds');})(data.counts[data.branches.indexOf(branch.value)]||0):total;
+ document.querySelectorAll('ol.timeline li').forEach(function(li){li.hidden=(branch.value&&li.getAttribute('data-branch')!==branch.value)||(since.value&&li.getAttribute('data-time')<since.value);});
  document.querySelectorAll('tr[data-branch]').forEach(function(row){row.hidden=(branch.value&&row.getAttribute('data-branch')!==branch.value)||(since.value&&row.getAttribute('data-time')<since.value);});}
 branch.addEventListener('change',apply);since.addEventListener('change',apply);
 document.getElementById('tm-filters').hidden=false;
@@ -3908,7 +3926,7 @@ def render_report(builds: Builds, series: Iterator[Series], cells: Mapping[tuple
     builds.describe(builds.newest)
     branches = builds.branches
     branch_index = {name: index for index, name in enumerate(branches)}
-    data = {"branches": branches, "charts": chart_data, "builds": {
+    data = {"branches": branches, "charts": chart_data, "counts": builds.per_branch, "builds": {
         build_id: [builds.details[build_id][0][:7], builds.details[build_id][3][:16].replace("T", " "),
                    branch_index.get(builds.details[build_id][1], -1)] for build_id in sorted(referenced)}}
     data_json = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
@@ -3921,7 +3939,7 @@ def render_report(builds: Builds, series: Iterator[Series], cells: Mapping[tuple
         '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
         f'style-src {csp_hash(REPORT_CSS)}; script-src {csp_hash(REPORT_JS)}; img-src data:">'
         f'<title>{esc(title)} · metrics</title><style>{REPORT_CSS}</style></head><body><main>'
-        f'<header><h1>{esc(title)}</h1><p class="meta"><span>{count(len(builds), "build")}</span>'
+        f'<header><h1>{esc(title)}</h1><p class="meta"><span id="tm-count">{count(len(builds), "build")}</span>'
         f'<span>{span}</span><span id="tm-branch-label">branch: {esc(branch) if branch else "all branches"}</span>'
         f'<span>generated {generated.strftime("%Y-%m-%d %H:%M")} UTC by track_metrics {__version__}</span></p>'
         '<p class="filters" id="tm-filters" hidden><label>Branch <select id="tm-branch">'
@@ -3979,7 +3997,8 @@ def _numeric_card(item: Series, drawn: Sequence[tuple[float, float, int]]) -> st
 def _label_card(item: Series, builds: Builds) -> str:
     esc = html.escape
     items = "".join(
-        f'<li><code>{esc(str(value))}</code> <span class="muted">since '
+        f'<li data-branch="{esc(builds.details[build_id][1])}" data-time="{esc(builds.details[build_id][3][:16].replace("T", " "))}">'
+        f'<code>{esc(str(value))}</code> <span class="muted">since '
         f'{esc(builds.details[build_id][3][:16].replace("T", " "))} · {esc(builds.details[build_id][0][:7])}</span></li>'
         for build_id, value in item.changes[::-1] if build_id in builds.details)
     return (f'{_card_head(item, "label")}<div class="latest-value">{esc(str(item.last_two[-1][1]))}</div>'

@@ -125,7 +125,7 @@ def test_label_metrics_show_when_they_changed(run_local, tmp_path):
         assert run_local("--config", str(config), "--local-db", str(database)).returncode == 0
     html = report_of(tmp_path)
     assert "3 changes in 4 builds" in html
-    assert html.count("<li><code>") == 3
+    assert html.count("<code>passing</code>") + html.count("<code>failing</code>") == 3  # the timeline
 
 
 def test_no_report_tracks_and_uploads_only(run_cli, s3_server, bucket, tmp_path):

@@ -112,7 +112,18 @@ def test_the_filters_narrow_charts_and_table(browser, report):
         # The headline, change, extremes, count, branch label and latest marker follow the filter.
         assert card.locator(".stat-count").inner_text() == f"{len(points)} points"
         assert page.locator("#tm-branch-label").inner_text() == "branch: feature/login"
-        assert "vs" in card.locator(".change").inner_text()
+        import sqlite3
+        connection = sqlite3.connect(report.parent.parent / "history.db")
+        on_branch = connection.execute("SELECT COUNT(*) FROM build_contexts WHERE branch = 'feature/login'").fetchone()[0]
+        connection.close()
+        assert page.locator("#tm-count").inner_text() == f"{on_branch} builds"  # the header follows too
+        # The change line keeps the page's own format: "+1.2 MB (+3.4%)", "−0.5 pp (−0.6% relative)"
+        assert re.fullmatch(r"(first value|[+\u2212\u00b1]\S+( \S+)? \([+\u2212\u00b1][\d.]+%( relative)?\))",
+                            card.locator(".change").inner_text()), card.locator(".change").inner_text()
+        timeline = page.locator("article.label ol.timeline li")
+        items = [timeline.nth(i) for i in range(timeline.count())]
+        assert any(item.get_attribute("data-branch") != "feature/login" for item in items)  # a real test
+        assert all(item.is_visible() == (item.get_attribute("data-branch") == "feature/login") for item in items)
         marker = card.locator("circle.latest")
         last_x, last_y = points[-1].split(",")
         assert (marker.get_attribute("cx"), marker.get_attribute("cy")) == (last_x, last_y)
@@ -123,6 +134,7 @@ def test_the_filters_narrow_charts_and_table(browser, report):
         assert card.locator(".latest-value").inner_text() == values[0]
         page.select_option("#tm-branch", "")
         assert page.locator("#tm-branch-label").inner_text() == "branch: all branches"
+        assert page.locator("#tm-count").inner_text() == f"{BUILDS} builds"
         assert card.locator(".stat-count").inner_text() == f"{BUILDS} points"
         page.fill("#tm-since", "2025-02-01")
         page.dispatch_event("#tm-since", "change")
