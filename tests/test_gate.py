@@ -283,13 +283,19 @@ def pull_request_env(tmp_path: Path, github: FakeGitHub, **extra: str) -> dict:
             "GITHUB_STEP_SUMMARY": str(summary), **extra}
 
 
-def test_one_comment_updated_in_place_past_120_others(repo, tmp_path, github):
+def size_pull_request(repo: Path, tmp_path: Path, size: int) -> Path:
+    """main measured at size 1000 with a delta-max-drop rule, and a feature branch at `size`."""
     db = tmp_path / "m.db"
     configure(repo, [{"metric": "size", "mode": "delta-max-drop", "maxDropPercent": 5}])
     measure(repo, db, coverage=80, size=1000)
     git(repo, "checkout", "-q", "-b", "feature")
     commit(repo, "F")
-    (repo / "size.txt").write_text("1100\n")
+    (repo / "size.txt").write_text(f"{size}\n")
+    return db
+
+
+def test_one_comment_updated_in_place_past_120_others(repo, tmp_path, github):
+    db = size_pull_request(repo, tmp_path, 1100)
     env = pull_request_env(tmp_path, github)
     first, outputs = gate(repo, db, **env)
     assert first.returncode == 0, first.stderr
@@ -312,12 +318,7 @@ def test_one_comment_updated_in_place_past_120_others(repo, tmp_path, github):
 def test_a_comment_with_the_marker_by_someone_else_is_never_edited(repo, tmp_path, github):
     """A pull request's author can write the marker into a comment of their own ("✅ pass"):
     the gate then posts its own verdict, and edits only that one afterwards."""
-    db = tmp_path / "m.db"
-    configure(repo, [{"metric": "size", "mode": "delta-max-drop", "maxDropPercent": 5}])
-    measure(repo, db, coverage=80, size=1000)
-    git(repo, "checkout", "-q", "-b", "feature")
-    commit(repo, "F")
-    (repo / "size.txt").write_text("1500\n")
+    db = size_pull_request(repo, tmp_path, 1500)
     forged = "<!-- unentropy-quality-gate -->\n✅ pass"
     github.comments.append({"id": 500, "body": forged, "html_url": "https://github.test/c/500",
                             "user": {"login": "author", "type": "User"}})
