@@ -13,7 +13,6 @@ connection, so with `auth ... required = none` it loops on `get_initial_auth_req
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -121,7 +120,7 @@ def start(memory: int = 8 * 1024**3, timeout: float = 120) -> CephRGW:
     conf = root / "ceph.conf"
     conf.write_text(CONFIG.format(fsid=fsid, mon_port=mon_port, rgw_port=rgw_port, root=root,
                                   memory=memory, rgw_name=RGW_NAME))
-    cluster = CephRGW(root, f"http://127.0.0.1:{rgw_port}", uuid.uuid4().hex[:20].upper(), uuid.uuid4().hex * 1)
+    cluster = CephRGW(root, f"http://127.0.0.1:{rgw_port}", uuid.uuid4().hex[:20].upper(), uuid.uuid4().hex)
     base = ["-c", str(conf)]
 
     def setup(*command: str, what: str, wait: float = 60) -> str:
