@@ -2301,17 +2301,22 @@ def open_database(path: Path) -> sqlite3.Connection:
 UNTOUCHED = "the remote object was left untouched (see --on-corrupt)"
 
 
+CHECKS = {"full": "integrity_check", "quick": "quick_check", "schema": None}  # integrity → page scan
+
+
 def check_database(path: Path, integrity: str = "full") -> None:
-    """Header, SQLite integrity check and schema; raises DB_NOT_SQLITE/DB_CORRUPT/DB_SCHEMA_UNKNOWN."""
+    """Header, SQLite's page scan (integrity_check, quick_check, or none for "schema": bytes this
+    tool checked and vouched for by their SHA-256) and the schema; raises DB_NOT_SQLITE,
+    DB_CORRUPT or DB_SCHEMA_UNKNOWN."""
     with open(path, "rb") as handle:
         header = handle.read(16)
     if header != SQLITE_HEADER:
         raise TrackMetricsError("DB_NOT_SQLITE", "the database object is not a SQLite file (its "
                                 f"first 16 bytes are not 'SQLite format 3'); {UNTOUCHED}")
-    pragma = "quick_check" if integrity == "quick" else "integrity_check"
+    pragma = CHECKS[integrity]
     connection = open_database(path)
     try:
-        rows = [row[0] for row in connection.execute(f"PRAGMA {pragma}(20)")]
+        rows = [row[0] for row in connection.execute(f"PRAGMA {pragma}(20)")] if pragma else ["ok"]
         if rows != ["ok"]:
             raise TrackMetricsError("DB_CORRUPT", f"SQLite {pragma} failed: {'; '.join(rows[:3])[:300]}; {UNTOUCHED}")
         objects = connection.execute("SELECT type, name FROM sqlite_master").fetchall()
@@ -5417,10 +5422,12 @@ class TrackingRun:
         return metadata.get("checked") == "integrity" and metadata.get("sha256") == self.expected.sha256
 
     def download_check(self) -> str:
-        """full or quick: a read-only command, or a vouched download, needs quick_check only."""
+        """The download's check: the bytes this tool checked and uploaded (vouched for by their
+        SHA-256, which the download verified) need the header and schema only; any other
+        object a full integrity_check before a change, a quick_check before a report."""
         if self.params.integrity in ("full", "quick"):
             return self.params.integrity
-        return "quick" if self.change is None or self.vouched() else "full"
+        return "schema" if self.vouched() else "quick" if self.change is None else "full"
 
     def damage(self, downloaded: Path) -> TrackMetricsError | None:
         """Why the downloaded object is damaged, confirmed by downloading it again; None when
@@ -5430,8 +5437,8 @@ class TrackingRun:
                 level = self.download_check()
                 check_database(downloaded, level)
                 self.trusted = level == "full" or self.vouched()
-                self.console.debug(f"  validate: {'integrity_check' if level == 'full' else 'quick_check'}"
-                                   f"{' (vouched by its SHA-256)' if self.vouched() and level == 'quick' else ''}")
+                self.console.debug(f"  validate: {CHECKS[level] or 'header and schema'}"
+                                   f"{' (vouched by its SHA-256)' if self.vouched() and level != 'full' else ''}")
                 return None
             except TrackMetricsError as exc:
                 if exc.code not in ("DB_NOT_SQLITE", "DB_CORRUPT") or not isinstance(self.storage, S3Storage):
@@ -5555,8 +5562,10 @@ class TrackingRun:
             self.keep_workspace = False
             return None
         check_upload_size(self.working.stat().st_size)
-        # A few changes to a checked file: quick_check and the schema suffice, unless asked for more.
-        return prepare_upload(self.working, "full" if self.params.integrity == "full" else "quick")
+        # A change made by SQLite to a checked file cannot break its pages: the schema and this
+        # change's own rows (the change checks them) suffice; an unchecked base gets quick_check.
+        return prepare_upload(self.working, "full" if self.params.integrity == "full" else
+                              "schema" if self.trusted and self.params.integrity == "auto" else "quick")
 
     def report(self) -> None:
         with self.phase("report") as phase:

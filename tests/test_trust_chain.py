@@ -27,7 +27,7 @@ def damage_an_index(data: bytes, tmp_path: Path) -> bytes:
     return bytes(damaged)
 
 
-def test_a_vouched_object_is_checked_quickly_and_vouched_again(run_cli, s3_server, bucket, tmp_path):
+def test_a_vouched_object_needs_no_page_scan_and_is_vouched_again(run_cli, s3_server, bucket, tmp_path):
     config = write_config(tmp_path, SIMPLE_METRICS)
     first = run_cli.track(config, "--verbose")
     assert first.returncode == 0
@@ -35,7 +35,7 @@ def test_a_vouched_object_is_checked_quickly_and_vouched_again(run_cli, s3_serve
     assert head["Metadata"]["checked"] == "integrity"
     second = run_cli.track(config, "--verbose")
     assert second.returncode == 0, second.output
-    assert "validate: quick_check (vouched by its SHA-256)" in second.stderr
+    assert "validate: header and schema (vouched by its SHA-256)" in second.stderr
     full = run_cli.track(config, "--verbose", "--integrity", "full")
     assert "validate: integrity_check" in full.stderr
 
