@@ -1620,7 +1620,8 @@ class S3Storage:
             raise
 
     def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str, size: int,
-              generation: int, successor_holds_build: Callable[[], bool], checked: str = "") -> UploadResult:
+              generation: int, successor_holds_build: Callable[[], bool], checked: str = "",
+              history: int = 0) -> UploadResult:
         """One streaming PUT from the file, conditional on the object we started from, and the
         proof that the object now holds this run's build."""
         check_upload_size(size)
@@ -1629,6 +1630,8 @@ class S3Storage:
                    "x-amz-meta-writer": self.writer, "x-amz-meta-generation": str(generation)}
         if checked:  # the trust chain: the next run's download of these bytes needs only quick_check
             headers["x-amz-meta-checked"] = checked
+        if history:  # builds kept and pruned: what a backup must never lose (see backup)
+            headers["x-amz-meta-history"] = str(history)
         conditional = self.params.conditional_writes
         if conditional:
             conditions = self.learn_conditions(previous)
@@ -1750,7 +1753,15 @@ class S3Storage:
         raise Conflict("the copy's source changed")
 
     def backup(self, previous: DatabaseFile) -> None:
-        """Keep the version about to be replaced as `<key>.bak`."""
+        """Keep the version about to be replaced as `<key>.bak`, unless the backup holds a longer
+        history (builds kept plus builds pruned, which only grows) than it: then the backup is a
+        history that was lost or restarted (--new-history), and the last copy of it stays."""
+        kept = object_metadata(self.stat(self.key + ".bak") or {}).get("history", "")
+        current = previous.metadata.get("history", "")
+        if kept.isdigit() and current.isdigit() and int(kept) > int(current):
+            self.console.warning(f"{self.location}.bak holds a longer history ({kept} builds, with the "
+                                 f"pruned ones) than the object ({current}): it is kept, not overwritten")
+            return
         self.copy(previous, self.key + ".bak")
 
     @property
@@ -1988,7 +1999,8 @@ class LocalStorage:
                                     "nothing was changed") from exc
 
     def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str, size: int,
-              generation: int, successor_holds_build: Callable[[], bool], checked: str = "") -> UploadResult:
+              generation: int, successor_holds_build: Callable[[], bool], checked: str = "",
+              history: int = 0) -> UploadResult:
         if self.fingerprint() != (previous.etag if previous else None):
             raise Conflict("the local database changed during the run")
         # What a journal or WAL left beside the file is in this run's copy already; beside the new
@@ -2199,7 +2211,8 @@ class ArtifactStorage:
                                   f"{artifact['id']} (run {(artifact.get('workflow_run') or {}).get('id')}) had")
 
     def store(self, path: Path, previous: DatabaseFile | None, sha256: str, md5: str, size: int,
-              generation: int, successor_holds_build: Callable[[], bool], checked: str = "") -> UploadResult:
+              generation: int, successor_holds_build: Callable[[], bool], checked: str = "",
+              history: int = 0) -> UploadResult:
         """Leave the database at the artifact path; the workflow's upload step publishes it."""
         replace_file(path, self.path)
         self.landed = True
@@ -5227,6 +5240,7 @@ class TrackingRun:
         self.working = self.workspace / "working.db"
         self.backup_allowed = False
         self.generation = 0
+        self.history = 0  # builds kept plus builds pruned, stamped on the upload
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[WorkflowPhase]:
@@ -5503,7 +5517,7 @@ class TrackingRun:
                         self.storage.backup(self.expected)
                     uploaded = self.storage.store(self.working, self.expected, sha256, md5, size,
                                                   self.generation, self.successor_holds_change,
-                                                  "integrity" if self.trusted else "quick")
+                                                  "integrity" if self.trusted else "quick", self.history)
                     break
                 except Conflict:
                     self.conflict_pause(attempt, "upload: another run updated the database; adding "
@@ -5549,6 +5563,8 @@ class TrackingRun:
                 self.console.debug(f"  summary: {refresh_summary(connection, rebuild=not trusted)}"
                                    f"{'' if trusted else ' (the file was not sealed by this tool)'}")
                 self.generation = bump_generation(connection)
+                self.history = connection.execute("SELECT (SELECT COUNT(*) FROM build_contexts)"
+                                                  " + (SELECT COUNT(*) FROM track_metrics_pruned)").fetchone()[0]
                 if self.change.vacuum:
                     connection.execute("VACUUM")
                 seal_summary(self.working, connection)

@@ -214,7 +214,8 @@ def test_the_conditional_write_probe_runs_once_per_endpoint(run_cli, proxy, s3_s
     proxy.clear()
     assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
     assert proxy.requests("PUT", r"\.probe-") == []
-    assert [s.method for s in proxy.log] == ["GET", "PUT", "PUT", "HEAD"]  # get, backup copy, put, verify
+    # get, the backup's history (HEAD), backup copy, put, verify
+    assert [s.method for s in proxy.log] == ["GET", "HEAD", "PUT", "PUT", "HEAD"]
 
 
 def test_a_probe_that_cannot_be_deleted_is_a_warning_not_a_failure(run_cli, proxy, s3_server, bucket, tmp_path):

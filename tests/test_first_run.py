@@ -134,3 +134,21 @@ def test_a_deleted_key_beside_its_backup_is_not_a_first_run(run_cli, s3_server, 
     assert get_object(s3_server, bucket, "unentropy-metrics.db.bak") == backup
     assert run_cli.track(config, "--new-history").returncode == 0  # starting over, on purpose
     assert database_rows(get_object(s3_server, bucket), tmp_path, "SELECT COUNT(*) FROM build_contexts") == [(1,)]
+
+
+def test_a_backup_is_never_overwritten_by_a_shorter_history(run_cli, s3_server, bucket, tmp_path):
+    """Starting over on purpose (--new-history) beside a backup: the backup of the old history
+    stays the last copy of it, run after run."""
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    for _ in range(4):
+        assert run_cli.track(config).returncode == 0
+    backup = get_object(s3_server, bucket, "unentropy-metrics.db.bak")  # 3 builds
+    s3_server.client().delete_object(Bucket=bucket, Key="unentropy-metrics.db")
+    assert run_cli.track(config, "--new-history").returncode == 0
+    for _ in range(2):
+        result = run_cli.track(config)
+        assert result.returncode == 0, result.output
+        assert "holds a longer history" in result.stderr
+    assert get_object(s3_server, bucket, "unentropy-metrics.db.bak") == backup
+    rows = database_rows(get_object(s3_server, bucket), tmp_path, "SELECT COUNT(*) FROM build_contexts")
+    assert rows == [(3,)]
