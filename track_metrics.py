@@ -4453,20 +4453,6 @@ def gate_values(settings: GateSettings, params: ActionParameters, config: Config
     return {outcome.id: outcome.value for outcome in outcomes if outcome.ok}
 
 
-def read_database(params: ActionParameters, console: Console, environ: Mapping[str, str],
-                  workspace: Path, branch: str) -> Path | None:
-    """The stored database, downloaded read-only (never created, never uploaded); artifacts
-    are those of `branch` unless the parameters name one."""
-    target = workspace / "stored.db"
-    storage = open_storage(dataclasses.replace(params, artifact_branch=params.artifact_branch or branch),
-                           console, environ, workspace, uuid.uuid4().hex)
-    if storage.fetch(target) is None:
-        console.info(f"{storage.location} does not exist yet")
-        return None
-    check_database(target, "full" if params.integrity == "full" else "quick")  # read-only: quick suffices
-    return target
-
-
 def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: Console, config: Config,
                  config_path: Path) -> int:
     """`gate`: did this pull request make a metric worse than the code it is based on?"""
@@ -5662,6 +5648,29 @@ def run(params: ActionParameters, config: Config, console: Console | None = None
     except Cancelled as exc:  # landed between phases, outside execute's own handling
         tracking.result.error = WorkflowError.from_exception(exc)
         return tracking.result
+
+
+def read_database(params: ActionParameters, console: Console, environ: Mapping[str, str],
+                  workspace: Path, branch: str) -> Path | None:
+    """The stored database for a reader (gate, export, backfill), read as `report` reads it —
+    the update path's own download and checks, without a change — into `workspace`; None when
+    there is none yet (never created, never uploaded). Artifacts are `branch`'s unless the
+    parameters name one."""
+    reader = TrackingRun(dataclasses.replace(params, artifact_branch=params.artifact_branch or branch),
+                         Config(), console, environ, None)
+    try:
+        reader.download()
+        reader.validate()
+        target = workspace / "stored.db"
+        os.replace(reader.base, target)
+        return target
+    except TrackMetricsError as exc:
+        if exc.code != "DB_NOT_FOUND":
+            raise
+        console.info(f"{reader.storage.location} does not exist yet")
+        return None
+    finally:
+        reader.cleanup()
 
 
 def bucket_region(storage: S3Storage) -> str:
