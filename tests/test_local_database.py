@@ -93,3 +93,10 @@ def test_local_paths_that_cannot_be_a_database_are_clear_errors(run_local, tmp_p
     unwritable = run_local("--config", str(config), "--local-db", "/proc/track-metrics-test.db", "--json", "--no-report")
     assert unwritable.returncode == 1, unwritable.output
     assert unwritable.json()["error"]["code"] == "LOCAL_IO_FAILED" and "Traceback" not in unwritable.stderr
+
+
+def test_a_local_database_in_a_new_folder_says_it_creates_it(run_local, tmp_path):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    result = run_local("--config", str(config), "--local-db", str(tmp_path / "new" / "dir" / "m.db"), "--no-report")
+    assert result.returncode == 0, result.output
+    assert f"creating the folder {tmp_path / 'new' / 'dir'}" in result.stderr

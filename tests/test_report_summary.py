@@ -201,7 +201,12 @@ def test_the_trend_is_push_and_import_builds_as_in_unentropy(run_local, tmp_path
     pull = run_local("--config", write_config(tmp_path, {"coverage": 79}), "--local-db", str(database),
                      "--commit", "b" * 40, "--run-id", "pr", "--branch", "feature", "--event", "pull_request")
     assert pull.returncode == 0, pull.output
+    laptop = run_local("--config", write_config(tmp_path, {"coverage": 12}), "--local-db", str(database),
+                       "--commit", "c" * 40, "--run-id", "laptop", "--branch", "main")  # event: local
+    assert laptop.returncode == 0, laptop.output
+    assert file_rows(database, "SELECT event_name FROM build_contexts WHERE run_id = 'laptop'") == [("local",)]
     assert re.search(r'<div class="latest-value">91(\.0+)?%</div>', html_card(tmp_path, "coverage"))
+    assert ">12%<" not in html_card(tmp_path, "coverage") and "min 12%" not in html_card(tmp_path, "coverage")
     assert run_local("report", "--config", write_config(tmp_path, {}), "--local-db", str(database),
                      "--report-branch", "feature").returncode == 0
     assert re.search(r'<div class="latest-value">79(\.0+)?%</div>', html_card(tmp_path, "coverage"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -259,3 +260,12 @@ def test_integer_ticks_are_whole_and_byte_ticks_round_in_their_unit():
     assert all(value == round(value) for value in kib)  # 200 KB, not 195.3 KB
     assert [tm.format_value(tick, "bytes") for tick in tm.nice_ticks(195_300, 488_300, unit="bytes")][:2] == \
         ["100.0 KB", "200.0 KB"]
+
+
+def test_the_test_extra_holds_what_the_tests_install():
+    import tomllib
+    extra = tomllib.loads((TOOL.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    names = {re.split(r"[<>=\[ ]", item)[0].lower() for item in extra}
+    pinned = {re.split(r"[<>=\[ ]", line)[0].lower() for line in (TOOL.parent / "tests" / "requirements.txt")
+              .read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert pinned - {"botocore"} <= names  # botocore is the tool's own dependency
