@@ -70,6 +70,57 @@ def test_exhausted_conflict_retries_exit_75(run_cli, proxy, s3_server, bucket, t
     assert get_object(s3_server, bucket) == others[2]  # the other writer's last object stands
 
 
+@pytest.mark.parametrize("verb", ["import", "prune"])
+def test_exhausted_conflict_retries_exit_75_for_every_writing_verb(run_cli, proxy, s3_server, bucket, tmp_path, verb):
+    from fault_proxy import Rule
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    for _ in range(2):
+        assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+    others = []
+    for index in range(3):  # the other writer's databases, each a new version (a new ETag)
+        other = tmp_path / f"other-{index}.db"
+        other.write_bytes(get_object(s3_server, bucket))
+        assert run_cli("--config", str(config), "--local-db", str(other), "--commit", f"{index}" * 40,
+                       "--branch", "other", "--run-id", str(index), "--no-report").returncode == 0
+        others.append(other.read_bytes())
+    proxy.clear()
+    proxy.add(Rule("PUT", r"/unentropy-metrics\.db$", "interlope", count=-1, payloads=tuple(others)))
+    history = tmp_path / "history.jsonl"
+    history.write_text('{"metric_id": "coverage", "timestamp": "2025-01-01T00:00:00Z", "value_numeric": 1, '
+                       '"commit_sha": "' + "a" * 40 + '", "branch": "main"}\n')
+    args = ["import", str(history)] if verb == "import" else ["prune", "--older-than", "0"]
+    result = run_cli(*args, "--config", str(config), *run_cli.s3_args(proxy.endpoint), "--json", "--no-report",
+                     "--max-conflict-retries", "2")
+    assert result.returncode == 75, result.output
+    assert result.json()["error"]["code"] == "S3_CONFLICT"
+    assert get_object(s3_server, bucket) == others[2]
+
+
+@pytest.mark.parametrize("verb", ["import", "prune"])
+def test_a_verb_racing_eight_runs_loses_no_run_and_does_its_change(run_cli, proxy, s3_server, bucket, tmp_path, verb):
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join('{"metric_id": "coverage", "timestamp": "2025-01-0%dT00:00:00Z", "value_numeric": 1, '
+                               '"commit_sha": "%s", "branch": "old"}\n' % (n + 1, f"{n:040x}") for n in range(5)))
+    if verb == "prune":  # old builds for the prune to remove while the runs race it
+        assert run_cli("import", str(history), "--config", str(config), *run_cli.s3_args(proxy.endpoint),
+                       "--no-report").returncode == 0
+    args = ["import", str(history)] if verb == "import" else ["prune", "--older-than", "100"]
+    processes = [start_run(run_cli, config, proxy.endpoint, index) for index in range(RUNS)]
+    processes.append(subprocess.Popen([sys.executable, str(TOOL), *args, "--config", str(config),
+                                       *run_cli.s3_args(proxy.endpoint), "--no-report"], env=run_cli.env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    branches = [row[0] for row in database_rows(get_object(s3_server, bucket), tmp_path,
+                                                "SELECT branch FROM build_contexts")]
+    assert sorted(b for b in branches if b.startswith("branch-")) == sorted(f"branch-{i}" for i in range(RUNS))
+    # The prune keeps old's latest build (the latest of every branch stays); the import adds all five.
+    assert branches.count("old") == (5 if verb == "import" else 1)
+
+
 def test_a_refused_matching_precondition_is_said_at_once(run_cli, proxy, s3_server, bucket, tmp_path):
     """A 412 while the object still has the ETag the PUT named: no other run wrote, so no retry."""
     from fault_proxy import Rule

@@ -107,28 +107,46 @@ def test_corruption_in_transit_every_time_is_never_uploaded(run_cli, proxy, s3_s
     assert get_object(s3_server, bucket) == before
 
 
-def test_connection_reset_during_put_is_retried(run_cli, proxy, s3_server, bucket, tmp_path):
+VERBS = {"run": 3, "import": 3, "prune": 1}  # the builds each verb leaves of a two-build history
+
+
+def change(run_cli, verb: str, config, tmp_path, endpoint: str):
+    """One change of each writing verb, through the same update path: a run's build, an import
+    of one build, a prune of all but the latest build."""
+    if verb == "run":
+        return run_cli.track(config, "--json", endpoint=endpoint)
+    history = tmp_path / "history.jsonl"
+    history.write_text('{"metric_id": "coverage", "timestamp": "2025-01-01T00:00:00Z", "value_numeric": 1, '
+                       '"commit_sha": "' + "a" * 40 + '", "branch": "main"}\n')
+    args = ["import", str(history)] if verb == "import" else ["prune", "--older-than", "0"]
+    return run_cli(*args, "--config", str(config), *run_cli.s3_args(endpoint), "--json", "--no-report")
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_connection_reset_during_put_is_retried(run_cli, proxy, s3_server, bucket, tmp_path, verb):
     config = seed_history(run_cli, tmp_path)
     proxy.add(Rule("PUT", DB, "reset_request", count=1))
-    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    result = change(run_cli, verb, config, tmp_path, proxy.endpoint)
     assert result.returncode == 0, result.output
     data = get_object(s3_server, bucket)
     head = s3_server.client().head_object(Bucket=bucket, Key="unentropy-metrics.db")
     assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert builds(s3_server, bucket, tmp_path) == 3
+    assert builds(s3_server, bucket, tmp_path) == VERBS[verb]
 
 
-def test_a_put_that_landed_but_lost_its_response_is_not_a_conflict(run_cli, proxy, s3_server, bucket, tmp_path):
+@pytest.mark.parametrize("verb", VERBS)
+def test_a_put_that_landed_but_lost_its_response_is_not_a_conflict(run_cli, proxy, s3_server, bucket, tmp_path,
+                                                                   verb):
     """The first PUT lands, its response is lost, botocore retries, the retry's If-Match fails
-    with 412: the object holds this run's write, so the run succeeds without a second build."""
+    with 412: the object holds this change, so it succeeds without applying it twice."""
     config = seed_history(run_cli, tmp_path)
     proxy.add(Rule("PUT", DB, "reset_after_forward", count=1))
-    result = run_cli.track(config, "--json", endpoint=proxy.endpoint)
+    result = change(run_cli, verb, config, tmp_path, proxy.endpoint)
     assert result.returncode == 0, result.output
     puts = proxy.requests("PUT", DB)
     assert [p.status for p in puts][:2] == [200, 412]
-    assert result.json()["phases"][3]["metadata"]["attempts"] == 1
-    assert builds(s3_server, bucket, tmp_path) == 3
+    assert next(p for p in result.json()["phases"] if p["name"] == "upload")["metadata"]["attempts"] == 1
+    assert builds(s3_server, bucket, tmp_path) == VERBS[verb]
 
 
 def test_a_stalled_response_times_out_and_is_retried(run_cli, proxy, s3_server, bucket, tmp_path):
