@@ -78,7 +78,8 @@ def test_sigterm_during_upload_ends_promptly_with_the_object_unchanged_or_replac
             [({"run": 3, "import": 3, "prune": 1}[verb],)]
 
 
-def test_sigkill_at_random_moments_never_leaves_a_partial_object(run_cli, proxy, s3_server, bucket, tmp_path):
+@pytest.mark.parametrize("verb", ["run", "import", "prune"])
+def test_sigkill_at_random_moments_never_leaves_a_partial_object(run_cli, proxy, s3_server, bucket, tmp_path, verb):
     # A few MB of history, so that kills land in the download, the checks and the upload.
     seed = tmp_path / "seed.db"
     config = write_config(tmp_path, dict(SIMPLE_METRICS, blob={"type": "label", "command": "echo big"}))
@@ -90,14 +91,23 @@ def test_sigkill_at_random_moments_never_leaves_a_partial_object(run_cli, proxy,
     connection.commit()
     connection.close()
     s3_server.client().put_object(Bucket=bucket, Key="unentropy-metrics.db", Body=seed.read_bytes())
+    history = tmp_path / "history.jsonl"
+
+    def new_history(first: int) -> None:  # new builds for every import, so that each one uploads
+        history.write_text("".join('{"metric_id": "coverage", "timestamp": "2025-01-01T00:00:%02dZ", "value_numeric":'
+                                   ' 1, "commit_sha": "%040x", "branch": "main"}\n' % (n % 60, n)
+                                   for n in range(first, first + 200)))
+    new_history(0)
+    verb_args = {"run": (), "import": ("import", str(history)), "prune": ("prune", "--older-than", "0")}[verb]
     started = time.monotonic()
-    assert start(run_cli, config, proxy.endpoint).communicate(timeout=60) and True
+    assert start(run_cli, config, proxy.endpoint, verb=verb_args).communicate(timeout=60) and True
     duration = time.monotonic() - started  # kill anywhere from start-up to just after the end
     random.seed(1234)
     outcomes = {"unchanged": 0, "replaced": 0}
     previous = get_object(s3_server, bucket)
-    for _ in range(12):
-        process = start(run_cli, config, proxy.endpoint)
+    for attempt in range(12):
+        new_history(1000 * (attempt + 1))
+        process = start(run_cli, config, proxy.endpoint, verb=verb_args)
         time.sleep(random.uniform(0.05, duration * 1.1))
         process.kill()
         process.communicate(timeout=10)
