@@ -1453,13 +1453,16 @@ PROBE_BODY = b"track_metrics probe"
 ETAG_FORMS = ("quoted", "unquoted")  # as AWS documents If-Match; as Ceph RGW accepts it
 
 
+def bare_etag(etag: str) -> str:
+    return etag.strip().strip('"')
+
+
 def etag_in(form: str, etag: str) -> str:
-    bare = etag.strip().strip('"')
-    return f'"{bare}"' if form == "quoted" else bare
+    return f'"{bare_etag(etag)}"' if form == "quoted" else bare_etag(etag)
 
 
 def same_etag(first: str | None, second: str | None) -> bool:
-    return bool(first and second) and first.strip().strip('"').lower() == second.strip().strip('"').lower()
+    return bool(first and second) and bare_etag(first).lower() == bare_etag(second).lower()
 
 
 def changed_since(head: dict | None, previous: DatabaseFile | None) -> bool:
@@ -1721,16 +1724,16 @@ class S3Storage:
         downloaded (412 if it changed). Never by version id: a slow run that lost the race
         would copy an old version over a newer one. Where the server ignores the copy's
         precondition, the copy is checked afterwards: a backup is never silently another object."""
-        from urllib.parse import quote
-        headers = {"x-amz-copy-source": f"/{self.bucket}/{quote(self.key, safe='/~')}",
-                   "x-amz-metadata-directive": "COPY"}
+        headers = {"x-amz-metadata-directive": "COPY"}
         if previous.etag:
             headers["x-amz-copy-source-if-match"] = previous.etag
-        body = self._copy(headers, target)
+        body = self._copy(self.key, target, headers)
         if self.conditions is None or not self.conditions.copy_checked:
             self.check_copy(previous, target, body)
 
-    def _copy(self, headers: Mapping[str, str], target: str) -> bytes:
+    def _copy(self, source: str, target: str, headers: Mapping[str, str]) -> bytes:
+        from urllib.parse import quote
+        headers = {"x-amz-copy-source": f"/{self.bucket}/{quote(source, safe='/~')}", **headers}
         _, _, body = self._call("CopyObject", "PUT", target, headers=headers)
         if b"<Error>" in body[:512]:  # S3 can answer a failed copy with 200 and an error body
             error = parse_error(500, body)
@@ -1825,11 +1828,9 @@ class S3Storage:
         else:
             return None, ("the storage refused If-Match with the object's own ETag in every form ("
                           + "; ".join(answers) + ")")
-        from urllib.parse import quote
         copy = self.probe_key + "-copy"
         try:
-            self._copy({"x-amz-copy-source": f"/{self.bucket}/{quote(self.probe_key, safe='/~')}",
-                        "x-amz-copy-source-if-match": WRONG_ETAG}, copy)
+            self._copy(self.probe_key, copy, {"x-amz-copy-source-if-match": WRONG_ETAG})
             copy_checked = False
             self.remove(copy)
         except Conflict:
@@ -5997,10 +5998,8 @@ def done_line(command: str, result: ActionResult, change: Change | None = None) 
     report = f"; report: {result.report_path}" if result.report_path else ""
     if change is not None and change.said:
         return f"done: {change.said}; {count(result.total_builds, 'build')} in {result.database_location}{report}"
-    if command != "run":
-        imported = f"{count(len(result.metrics_collected), 'metric')} imported, " if command == "import" else ""
-        imported = "pruned, " if command == "prune" else imported
-        return f"done: {imported}{count(result.total_builds, 'build')} in {result.database_location}{report}"
+    if command != "run":  # report: import and prune say what they did (change.said)
+        return f"done: {count(result.total_builds, 'build')} in {result.database_location}{report}"
     recorded, failed = len(result.metrics_collected), list(result.metrics_failed)
     what = f"{recorded} of {count(recorded + len(failed), 'metric')} recorded; failed: {', '.join(failed)}" \
         if failed else f"{count(recorded, 'metric')} recorded"

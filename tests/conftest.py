@@ -196,6 +196,14 @@ def get_object(server: S3Server, bucket: str, key: str = "unentropy-metrics.db")
         return None
 
 
+def one_record_history(tmp_path: Path) -> Path:
+    """A canonical JSONL history of one value, for the tests that import something."""
+    history = tmp_path / "history.jsonl"
+    history.write_text(json.dumps({"metric_id": "coverage", "timestamp": "2025-01-01T00:00:00Z", "value_numeric": 1,
+                                   "commit_sha": "a" * 40, "branch": "main"}) + "\n")
+    return history
+
+
 def file_rows(path: Path, query: str) -> list[tuple]:
     """The rows a query finds in a database file."""
     connection = sqlite3.connect(path)

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import SIMPLE_METRICS, TOOL, database_rows, get_object, write_config
+from conftest import SIMPLE_METRICS, TOOL, database_rows, get_object, one_record_history, write_config
 from fault_proxy import Rule
 
 
@@ -52,9 +52,7 @@ def test_sigterm_during_upload_ends_promptly_with_the_object_unchanged_or_replac
     before = get_object(s3_server, bucket)
     stall = Rule("PUT", r"/unentropy-metrics\.db$", "stall", count=1, delay=10)
     proxy.add(stall)
-    history = tmp_path / "history.jsonl"
-    history.write_text('{"metric_id": "coverage", "timestamp": "2025-01-01T00:00:00Z", "value_numeric": 1, '
-                       '"commit_sha": "' + "a" * 40 + '", "branch": "main"}\n')
+    history = one_record_history(tmp_path)
     process = start(run_cli, config, proxy.endpoint, verb={"run": (), "import": ("import", str(history)),
                                                            "prune": ("prune", "--older-than", "0")}[verb])
     deadline = time.monotonic() + 30

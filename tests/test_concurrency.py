@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from conftest import SIMPLE_METRICS, TOOL, database_rows, get_object, write_config
+from conftest import SIMPLE_METRICS, TOOL, database_rows, get_object, one_record_history, write_config
 
 RUNS = 8
 
@@ -85,9 +85,7 @@ def test_exhausted_conflict_retries_exit_75_for_every_writing_verb(run_cli, prox
         others.append(other.read_bytes())
     proxy.clear()
     proxy.add(Rule("PUT", r"/unentropy-metrics\.db$", "interlope", count=-1, payloads=tuple(others)))
-    history = tmp_path / "history.jsonl"
-    history.write_text('{"metric_id": "coverage", "timestamp": "2025-01-01T00:00:00Z", "value_numeric": 1, '
-                       '"commit_sha": "' + "a" * 40 + '", "branch": "main"}\n')
+    history = one_record_history(tmp_path)
     args = ["import", str(history)] if verb == "import" else ["prune", "--older-than", "0"]
     result = run_cli(*args, "--config", str(config), *run_cli.s3_args(proxy.endpoint), "--json", "--no-report",
                      "--max-conflict-retries", "2")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import SIMPLE_METRICS, database_rows, get_object, write_config
+from conftest import SIMPLE_METRICS, database_rows, get_object, one_record_history, write_config
 from fault_proxy import Rule
 
 DB = r"/unentropy-metrics\.db$"
@@ -115,9 +115,7 @@ def change(run_cli, verb: str, config, tmp_path, endpoint: str):
     of one build, a prune of all but the latest build."""
     if verb == "run":
         return run_cli.track(config, "--json", endpoint=endpoint)
-    history = tmp_path / "history.jsonl"
-    history.write_text('{"metric_id": "coverage", "timestamp": "2025-01-01T00:00:00Z", "value_numeric": 1, '
-                       '"commit_sha": "' + "a" * 40 + '", "branch": "main"}\n')
+    history = one_record_history(tmp_path)
     args = ["import", str(history)] if verb == "import" else ["prune", "--older-than", "0"]
     return run_cli(*args, "--config", str(config), *run_cli.s3_args(endpoint), "--json", "--no-report")
 
@@ -190,9 +188,7 @@ def test_a_failed_upload_of_import_or_prune_is_a_coded_retryable_error(run_cli, 
                                                                       tmp_path, verb):
     config = seed_history(run_cli, tmp_path)
     before = get_object(s3_server, bucket)
-    history = tmp_path / "history.jsonl"
-    history.write_text('{"metric_id": "coverage", "timestamp": "2025-01-01T00:00:00Z", "value_numeric": 1, '
-                       '"commit_sha": "' + "a" * 40 + '", "branch": "main"}\n')
+    history = one_record_history(tmp_path)
     proxy.add(Rule("PUT", DB, "status", count=-1, status=503, code="SlowDown"))
     args = [str(history)] if verb == "import" else ["--older-than", "0"]
     result = run_cli(verb, *args, "--config", str(config), *run_cli.s3_args(proxy.endpoint), "--json",
@@ -211,9 +207,7 @@ def test_every_writing_verb_probes_before_it_stamps(run_cli, run_local, proxy, s
     local = tmp_path / "local.db"
     assert run_local("--config", str(config), "--local-db", str(local), "--no-report").returncode == 0
     s3_server.client().put_object(Bucket=bucket, Key="unentropy-metrics.db", Body=local.read_bytes())
-    history = tmp_path / "history.jsonl"
-    history.write_text('{"metric_id": "coverage", "timestamp": "2025-01-01T00:00:00Z", "value_numeric": 1, '
-                       '"commit_sha": "' + "a" * 40 + '", "branch": "main"}\n')
+    history = one_record_history(tmp_path)
     proxy.add(Rule("PUT", r"\.probe-", "ignore_conditions", count=-1))
     args = [str(history)] if verb == "import" else ["--older-than", "1"]
     result = run_cli(verb, *args, "--config", str(config), *run_cli.s3_args(proxy.endpoint), "--json", "--no-report")
