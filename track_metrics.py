@@ -260,6 +260,7 @@ class MetricConfig:
     description: str | None = None
     timeout: float | None = None
     direction: str = "neutral"
+    repeat: int = 1  # runs of the command; the median is recorded, every sample kept
 
 
 @dataclass(frozen=True)
@@ -298,9 +299,9 @@ KNOWN_KEYS = {
     "storage.s3": {"endpoint", "bucket", "region"},
     "database": {"key"},
     "report": {"dir", "mode", "theme", "sections"},
-    "metric": {"$ref", "type", "command", "unit", "name", "description", "timeout", "direction"},
+    "metric": {"$ref", "type", "command", "unit", "name", "description", "timeout", "direction", "repeat"},
     "qualityGate": {"mode", "enablePullRequestComment", "maxCommentMetrics", "maxCommentCharacters",
-                    "baseline", "thresholds"},
+                    "baseline", "thresholds", "acceptLabel"},
     "qualityGate.baseline": {"referenceBranch", "maxAgeDays"},
     "threshold": {"metric", "mode", "target", "tolerance", "tolerancePercent", "maxDropPercent", "severity",
                   "noise"},
@@ -441,7 +442,8 @@ def _parse_quality_gate(data: dict, metric_ids: set, problems: list, warnings: l
               ("enablePullRequestComment", lambda v: isinstance(v, bool), "true or false"),
               ("maxCommentMetrics", lambda v: _whole(v) and 1 <= v <= 100, "a whole number from 1 to 100"),
               ("maxCommentCharacters", lambda v: _whole(v) and 1 <= v <= 20000,
-               "a whole number from 1 to 20000"))
+               "a whole number from 1 to 20000"),
+              ("acceptLabel", lambda v: isinstance(v, str) and 0 < len(v) <= 50, "a label name of 1-50 characters"))
     for name, valid, accepted in checks:
         if name in gate and not valid(gate[name]):
             problems.append((f"qualityGate.{name}", f"got {show(gate[name])}; accepted: {accepted}"))
@@ -668,11 +670,21 @@ def _parse_metric(path: str, metric_id: Any, body: Any, problems: list, warnings
     if direction not in ("up", "down", "neutral"):
         problems.append((f"{path}.direction", f"got {show(direction)}; accepted: \"up\" (or \"higher\": "
                          "higher is better), \"down\" (or \"lower\") or \"neutral\""))
+    repeat = body.get("repeat", 1)
+    if not (_whole(repeat) and 1 <= repeat <= MAX_REPEAT):
+        problems.append((f"{path}.repeat", f"got {show(repeat)}; accepted: a whole number of runs from 1 "
+                         f"to {MAX_REPEAT} (the median is recorded)"))
+    elif repeat > 1 and kind == "label":
+        problems.append((f"{path}.repeat", f"got {show(repeat)}; accepted: 1 for a label metric (only "
+                         "numbers have a median)"))
     if len(problems) > before:
         return None
     return MetricConfig(metric_id, kind, command, unit, body.get("name", template),
                         body.get("description", description),
-                        timeout / 1000 if timeout is not None else None, direction)
+                        timeout / 1000 if timeout is not None else None, direction, repeat)
+
+
+MAX_REPEAT = 50
 
 
 def endpoint_problem(value: str, allow_http: bool, allow_path: bool = False) -> str | None:
@@ -2233,6 +2245,9 @@ SCHEMA_VERSION = "2.0.0"
 # them back; a build recorded or imported again leaves the list.
 PRUNED_DDL = ("CREATE TABLE IF NOT EXISTS track_metrics_pruned (commit_sha TEXT NOT NULL, run_id TEXT NOT NULL,"
               " PRIMARY KEY (commit_sha, run_id)) WITHOUT ROWID")
+# A repeated metric's samples (a JSON array; the median is metric_values' value), read by the gate.
+SAMPLES_DDL = ("CREATE TABLE IF NOT EXISTS track_metrics_samples (build_id INTEGER NOT NULL, metric_id TEXT NOT NULL,"
+               " samples TEXT NOT NULL, PRIMARY KEY (build_id, metric_id)) WITHOUT ROWID")
 SCHEMA_DDL = (
     """CREATE TABLE IF NOT EXISTS schema_version (
       version TEXT PRIMARY KEY,
@@ -2282,6 +2297,7 @@ SCHEMA_DDL = (
     lo REAL NOT NULL, lo_build INTEGER NOT NULL, hi REAL NOT NULL, hi_build INTEGER NOT NULL,
     PRIMARY KEY (size, metric_id, block)) WITHOUT ROWID""",
     PRUNED_DDL,
+    SAMPLES_DDL,
 )
 REQUIRED_COLUMNS = {
     "schema_version": {"version"},
@@ -2386,8 +2402,8 @@ class BuildContext:
     actor: str | None = None
 
 
-def record_build(connection: sqlite3.Connection, build: BuildContext,
-                 metrics: Sequence[MetricConfig], values: Mapping[str, Any]) -> tuple[int, dict[str, str]]:
+def record_build(connection: sqlite3.Connection, build: BuildContext, metrics: Sequence[MetricConfig],
+                 values: Mapping[str, Any], samples: Mapping[str, Sequence[float]] = {}) -> tuple[int, dict[str, str]]:
     """Record one build's values (the schema exists: apply_build ensures it), idempotent on
     (commit_sha, run_id): a re-run replaces them.
 
@@ -2433,11 +2449,20 @@ def record_build(connection: sqlite3.Connection, build: BuildContext,
                 " VALUES (?, ?, ?, ?) ON CONFLICT (metric_id, build_id) DO UPDATE SET"
                 " value_numeric = excluded.value_numeric, value_label = excluded.value_label",
                 (metric.id, build_id, numeric, label))
+            store_samples(connection, build_id, metric.id, samples.get(metric.id))
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")
         raise
     return build_id, skipped
+
+
+def store_samples(connection: sqlite3.Connection, build_id: int, metric: str, samples: Sequence[float] | None) -> None:
+    """Keep a repeated metric's samples beside its value (a re-run without them drops the old ones)."""
+    connection.execute("DELETE FROM track_metrics_samples WHERE build_id = ? AND metric_id = ?", (build_id, metric))
+    if samples and len(samples) > 1:
+        connection.execute("INSERT INTO track_metrics_samples VALUES (?, ?, ?)",
+                           (build_id, metric, json.dumps([float(v) for v in samples])))
 
 
 def salvage_rows(damaged: Path) -> tuple[list, list, list]:
@@ -2772,6 +2797,7 @@ class MetricOutcome:
     error: str | None = None
     warning: str | None = None
     duration_ms: int = 0
+    samples: tuple[float, ...] = ()  # a repeated metric's every value, in run order
 
     @property
     def ok(self) -> bool:
@@ -2794,6 +2820,24 @@ class CommandRunner:
         self.lock = threading.Lock()
 
     def run(self, metric: MetricConfig, build: BuildContext, timeout: float) -> MetricOutcome:
+        """The metric's value; a repeated metric's command runs `repeat` times, one after the
+        other (the deadline shared), and its median is the value."""
+        if metric.repeat <= 1:
+            return self._run_once(metric, build, timeout)
+        import statistics
+        deadline, outcomes = time.monotonic() + timeout, []
+        for _ in range(metric.repeat):
+            outcome = self._run_once(metric, build, max(deadline - time.monotonic(), 0.1))
+            if not outcome.ok:
+                outcome.error = f"run {len(outcomes) + 1} of {metric.repeat}: {outcome.error}"
+                return outcome
+            outcomes.append(outcome)
+        samples = tuple(float(outcome.value) for outcome in outcomes)
+        warnings = sorted({outcome.warning for outcome in outcomes if outcome.warning})
+        return MetricOutcome(metric.id, statistics.median(samples), None, "; ".join(warnings) or None,
+                             sum(outcome.duration_ms for outcome in outcomes), samples)
+
+    def _run_once(self, metric: MetricConfig, build: BuildContext, timeout: float) -> MetricOutcome:
         started = time.monotonic()
         if metric.command.strip().startswith("@collect "):
             return self.collect(metric, started)
@@ -2899,7 +2943,7 @@ def collect_metrics(metrics: Sequence[MetricConfig], runner: CommandRunner, buil
     """Run every metric command (up to `jobs` at once); results come back in config order."""
     def one(metric: MetricConfig) -> MetricOutcome:
         remaining = deadline - time.monotonic()
-        timeout = min(metric.timeout or DEFAULT_COMMAND_TIMEOUT, max(remaining, 0.1))
+        timeout = min((metric.timeout or DEFAULT_COMMAND_TIMEOUT) * metric.repeat, max(remaining, 0.1))
         return runner.run(metric, build, timeout)
 
     if jobs <= 1:
@@ -4091,17 +4135,21 @@ def write_report(database: Path, report_dir: Path, configured: Sequence[MetricCo
 GATE_MARKER = "<!-- unentropy-quality-gate -->"
 GATE_RESULTS = ".unentropy/quality-gate-results.json"
 BASELINE_EVENTS = TREND_EVENTS  # pull-request builds are never a baseline
-COMMENT_LIMIT = 65_000
+COMMENT_LIMIT = 65_536  # GitHub's limit on a comment's body
+ACCEPT_LABEL = "metrics-accepted"
 
 
 @dataclass
 class RuleResult:
     mode: str
     severity: str
-    status: str  # pass | fail | unknown
+    status: str  # pass | fail | unknown | accepted
     message: str
     allowed: str = ""
-    band: float | None = None  # the noise band: the smallest change the rule can detect
+    band: float | None = None  # the noise band (0: a deterministic series; None: no noise model)
+    centre: float | None = None  # what the value was compared with: the baseline, or the recent level
+    detectable: float | None = None  # the smallest worsening that fails the rule, in the metric's unit
+    runs: int = 0  # history values the noise model read
 
 
 @dataclass
@@ -4114,10 +4162,15 @@ class MetricVerdict:
     baseline: float | None = None
     baseline_commit: str | None = None
     rules: list[RuleResult] = field(default_factory=list)
+    runs: int = 0  # history values a noise model read
+    history: list[float] = field(default_factory=list)  # the base branch's values, oldest first
+    accepted: bool = False  # failed, and the pull request's accept label lets it pass
 
     @property
     def status(self) -> str:
         blockers = [r for r in self.rules if r.severity == "blocker"]
+        if any(r.status == "fail" for r in self.rules) and self.accepted:
+            return "accepted"
         if any(r.status == "fail" for r in blockers):
             return "fail"
         if any(r.status == "fail" for r in self.rules):
@@ -4126,40 +4179,181 @@ class MetricVerdict:
 
 
 def student_t_quantile(probability: float, freedom: int) -> float:
-    """The Student-t quantile, by bisection on its CDF (Simpson's rule over the density)."""
-    def density(x: float) -> float:
-        return math.exp(math.lgamma((freedom + 1) / 2) - math.lgamma(freedom / 2)
-                        - (freedom + 1) / 2 * math.log1p(x * x / freedom)) / math.sqrt(freedom * math.pi)
+    """The one-sided Student-t quantile t(p, ν): the Cornish-Fisher expansion (Abramowitz and
+    Stegun 26.7.5), then Newton steps on the exact CDF of integer ν (26.7.3-4); microseconds."""
+    p, nu = probability, max(1, int(freedom))
+    if nu == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if nu == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    z = normal_quantile(p)
+    g = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+         (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+         (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
+    t = z + sum(term / nu ** (power + 1) for power, term in enumerate(g))
+    if nu > 200:  # the expansion alone is good to 1e-9 here
+        return t
+    scale = math.exp(math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2)) / math.sqrt(nu * math.pi)
+    for _ in range(3):
+        theta = math.atan(t / math.sqrt(nu))
+        c, s = math.cos(theta) ** 2, math.sin(theta)
+        term = total = 1.0
+        if nu % 2:
+            for j in range(1, (nu - 1) // 2):
+                term *= c * 2 * j / (2 * j + 1)
+                total += term
+            area = 2 / math.pi * (theta + s * math.cos(theta) * total)
+        else:
+            for j in range(1, nu // 2):
+                term *= c * (2 * j - 1) / (2 * j)
+                total += term
+            area = s * total
+        t -= ((1 + area) / 2 - p) / (scale * (1 + t * t / nu) ** (-(nu + 1) / 2))
+    return t
 
-    def cdf(x: float, steps: int = 2000) -> float:
-        width = x / steps
-        total = density(0) + density(x) + sum((4 if i % 2 else 2) * density(i * width) for i in range(1, steps))
-        return 0.5 + total * width / 3
 
-    low, high = 0.0, 1000.0
-    for _ in range(80):
-        middle = (low + high) / 2
-        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
-    return (low + high) / 2
+def normal_quantile(probability: float) -> float:
+    import statistics
+    return statistics.NormalDist().inv_cdf(probability)
 
 
-def noise_band(values: Sequence[float], noise: Mapping[str, Any]) -> float | None:
-    """How far a value may stray from the baseline branch's recent values by noise alone: IQR
-    (k·(Q3 − Q1)) or a Student-t prediction interval (t·s·√(1 + 1/n)). None below 3 values."""
+@dataclass(frozen=True)
+class Noise:
+    """What the base branch's history, up to the baseline build, says about a metric's noise."""
+    sigma: float  # one history value's noise; 0: the series is deterministic
+    freedom: int  # the estimate's degrees of freedom
+    levels: tuple[tuple[float, int], ...]  # (centre, values behind it) of each plausible recent level
+    runs: int  # history values used
+    model: str = "t"
+    spread: float = 0.0  # iqr: the residuals' interquartile range
+
+    def band(self, level: int, confidence: float, multiplier: float, share: float) -> float:
+        """How far one value (`share`: its variance against one history value's) may stray above
+        a level of `level` values by noise alone: one-sided, at `confidence` (t) or k·IQR."""
+        if self.sigma == 0:
+            return 0.0
+        widen = math.sqrt(share + 1 / level)
+        if self.model == "iqr":
+            return multiplier * self.spread * widen
+        return student_t_quantile(confidence, self.freedom) * self.sigma * widen
+
+
+CHANGE_POINT = 4.0  # a level shift this many standard errors wide is a step, not noise
+OUTLIER = 3.5  # a value this many noise widths from its neighbours' median is an outlier
+SAMPLE_OUTLIER = 4.0
+PLAUSIBLE = 2.5  # a shift this wide is judged both ways (since it, and over the whole level)
+SEGMENTED = 8  # the fewest values searched for outliers and steps  # a repeated run this many noise widths from its runs' median is left out
+
+
+def estimate_noise(values: Sequence[float], model: str = "t") -> Noise | None:
+    """Noise and recent levels of a series (oldest first, the baseline build's value last), robust
+    to steps and outliers: a first width from the median absolute deviation of consecutive
+    differences; outliers against their neighbours left out; binary segmentation at level shifts
+    of CHANGE_POINT standard errors; the width pooled within the segments. More than half of the
+    differences zero: deterministic (any change is real). None below 3 values."""
+    import statistics
+    values = [float(v) for v in values]
     if len(values) < 3:
         return None
+    diffs = [b - a for a, b in zip(values, values[1:])]
+    middle = statistics.median(diffs)
+    rough = statistics.median(abs(d - middle) for d in diffs) / (0.6745 * math.sqrt(2))
+    if 2 * sum(d == 0 for d in diffs) >= len(diffs) or rough == 0:
+        return Noise(0.0, len(values) - 1, ((values[-1], 1),), len(values), model)
+    last, kept, segments = len(values) - 1, values, [values]
+    if len(values) >= SEGMENTED:  # fewer values say too little of outliers and steps
+        kept = [v for i, v in enumerate(values)  # the baseline build's value stays: it may start a level
+                if i == last or abs(v - statistics.median(values[max(0, i - 2):i + 3])) <= OUTLIER * rough]
+        segments = _segments(kept, rough, CHANGE_POINT)
+    residuals = [v - statistics.fmean(segment) for segment in segments for v in segment]
+    freedom = len(kept) - len(segments)
+    if freedom < 1:
+        return None
+    sigma = math.sqrt(sum(r * r for r in residuals) / freedom)
+    newest = segments[-1]
+    levels = [(statistics.fmean(newest), len(newest))]
+    split, score = _best_split(newest, rough, minimum_right=SEGMENTED)
+    if split and score > PLAUSIBLE:  # a shift not proven, but plausible: a failure must fail both
+        levels.append((statistics.fmean(newest[split:]), len(newest) - split))
+    spread = 0.0
+    if model == "iqr" and len(residuals) >= 4:
+        quartiles = statistics.quantiles(residuals, n=4, method="inclusive")
+        spread = quartiles[2] - quartiles[0]
+    return Noise(sigma, freedom, tuple(levels), len(values), model, spread)
+
+
+def _best_split(values: Sequence[float], sigma: float, minimum_right: int = 1) -> tuple[int, float]:
+    """Where a level shift is likeliest in `values` (index of the new level's first value) and its
+    size in standard errors; (0, 0.0) when there is no room for one."""
+    total, count = sum(values), len(values)
+    best, score, before = 0, 0.0, 0.0
+    for index in range(1, count - minimum_right + 1):
+        before += values[index - 1]
+        left, right = index, count - index
+        if left < 2 and right < 2:
+            continue
+        shift = abs((total - before) / right - before / left)
+        stat = shift / (sigma * math.sqrt(1 / left + 1 / right))
+        if stat > score:
+            best, score = index, stat
+    return best, score
+
+
+def _segments(values: Sequence[float], sigma: float, threshold: float) -> list[list[float]]:
+    """Binary segmentation: split where a shift is `threshold` standard errors wide, recursively."""
+    if len(values) < 3:
+        return [list(values)]
+    split, score = _best_split(values, sigma)
+    if not split or score <= threshold:
+        return [list(values)]
+    return _segments(values[:split], sigma, threshold) + _segments(values[split:], sigma, threshold)
+
+
+def measure(samples: Sequence[float], width: float | None) -> float:
+    """One measurement's runs as one value: their mean, without runs more than SAMPLE_OUTLIER
+    noise widths from their median (a run on a busy machine); one run is itself."""
     import statistics
-    if noise.get("model") == "t":
-        confidence = float(noise.get("confidence", 0.99))
-        spread = statistics.stdev(values)
-        return student_t_quantile(1 - (1 - confidence) / 2, len(values) - 1) * spread * math.sqrt(1 + 1 / len(values))
-    quartiles = statistics.quantiles(values, n=4, method="inclusive")
-    return float(noise.get("multiplier", 1.5)) * (quartiles[2] - quartiles[0])
+    if len(samples) == 1:
+        return float(samples[0])
+    middle = statistics.median(samples)
+    if not width:
+        return statistics.fmean(samples)
+    return statistics.fmean([s for s in samples if abs(s - middle) <= SAMPLE_OUTLIER * width] or [middle])
 
 
-def evaluate_rule(rule: Mapping[str, Any], verdict: MetricVerdict, center: float | None,
-                  band: float | None) -> RuleResult:
-    """One threshold rule on one metric. "Worse" follows the metric's direction (neutral: up)."""
+@dataclass(frozen=True)
+class Judged:
+    """A noise model's reading of one metric: the history's noise, this PR's measurement and the
+    variance of that measurement against one history value's (runs behind each)."""
+    noise: Noise
+    statistic: float
+    share: float
+    runs: int  # this PR's runs
+
+
+def judge_noise(history: Sequence[tuple[float, Sequence[float] | None]], samples: Sequence[float],
+                model: str) -> Judged | None:
+    """History values (oldest first, with their runs when repeated) and this PR's runs, read by
+    the noise model: a repeated history's values are its runs' means, so they compare with this
+    PR's mean; their noise scales with how many runs are behind each side."""
+    import statistics
+    widths = [statistics.median(abs(s - statistics.median(runs)) for s in runs) / 0.6745
+              for _, runs in history if runs and len(runs) >= 3]
+    within = statistics.median(widths) if widths else None
+    values = [measure(runs, within) if runs else value for value, runs in history]
+    behind = int(statistics.median([len(runs) if runs else 1 for _, runs in history])) if history else 1
+    noise = estimate_noise(values, model)
+    if noise is None:
+        return None
+    width = within if within is not None else noise.sigma * math.sqrt(behind)
+    return Judged(noise, measure(samples, width), behind / len(samples), len(samples))
+
+
+def evaluate_rule(rule: Mapping[str, Any], verdict: MetricVerdict, judged: Judged | None = None) -> RuleResult:
+    """One threshold rule on one metric. "Worse" follows the metric's direction (neutral: up).
+    Without noise the value is compared with the baseline build; with noise, with the recent
+    level (never across a step; a plausible step is judged both ways, and both must fail) and
+    a one-sided band on top of the rule's own tolerance."""
     mode, severity = rule["mode"], rule.get("severity", "blocker")
     value, unit = verdict.value, verdict.unit
     if value is None:
@@ -4170,24 +4364,54 @@ def evaluate_rule(rule: Mapping[str, Any], verdict: MetricVerdict, center: float
         return RuleResult(mode, severity, "pass" if ok else "fail",
                           f"{format_value(value, unit)} {'≥' if mode == 'min' else '≤'} {format_value(target, unit)}"
                           if ok else f"{format_value(value, unit)} is {'below' if mode == 'min' else 'above'} "
-                          f"the {mode} of {format_value(target, unit)}", f"{mode} {format_value(target, unit)}")
-    reference = center if center is not None else verdict.baseline
-    if reference is None:
+                          f"the {mode} of {format_value(target, unit)}", f"{mode} {format_value(target, unit)}",
+                          centre=target)
+    noisy = judged is not None and judged.noise.sigma > 0
+    levels = judged.noise.levels if noisy else ((verdict.baseline, 0),)
+    if levels[0][0] is None:
         return RuleResult(mode, severity, "unknown", "no baseline build with this metric")
-    worse = (reference - value) if verdict.direction != "down" else (value - reference)
-    if mode == "no-regression":
-        allowed = float(rule["tolerance"]) if "tolerance" in rule else (
-            abs(reference) * float(rule["tolerancePercent"]) / 100 if "tolerancePercent" in rule else 0.5)
-    else:  # delta-max-drop
-        allowed = abs(reference) * float(rule["maxDropPercent"]) / 100
-    if band is not None:
-        allowed = max(allowed, band)
-    ok = worse <= allowed + 1e-12 * max(1.0, abs(reference))
-    change = format_change(value, reference, unit)[0] if reference else format_value(value - reference, unit)
-    word = "better" if worse < 0 else ("worse" if worse > 0 else "unchanged")
-    return RuleResult(mode, severity, "pass" if ok else "fail",
-                      f"{change} ({word}; allowed worse by {format_value(allowed, unit)})",
-                      f"worse by ≤ {format_value(allowed, unit)}", band)
+    if judged is not None:
+        value = judged.statistic
+    noise = rule.get("noise") or {}
+    readings = []
+    for centre, size in levels:
+        worse = (centre - value) if verdict.direction != "down" else (value - centre)
+        if mode == "no-regression":
+            allowed = float(rule["tolerance"]) if "tolerance" in rule else (
+                abs(centre) * float(rule["tolerancePercent"]) / 100 if "tolerancePercent" in rule else 0.5)
+        else:  # delta-max-drop
+            allowed = abs(centre) * float(rule["maxDropPercent"]) / 100
+        band = judged.noise.band(size, float(noise.get("confidence", 0.99)), float(noise.get("multiplier", 1.5)),
+                                 judged.share) if noisy else (0.0 if judged is not None else None)
+        readings.append((centre, worse, max(allowed, band or 0.0), band))
+    failed = all(worse > allowed + 1e-12 * max(1.0, abs(centre)) for centre, worse, allowed, _ in readings)
+    centre, worse, allowed, band = readings[0]
+    words = change_in_words(verdict.name, value, centre, unit, verdict.direction, allowed)
+    if judged is not None and judged.runs > 1:
+        words += f" (the mean of {judged.runs} runs)"
+    if noisy:
+        words += f"; noise band {format_value(band, unit)} from {count(judged.noise.runs, 'run')}"
+    return RuleResult(mode, severity, "fail" if failed else "pass", words,
+                      f"{'rise' if verdict.direction == 'down' else 'fall'} > {change_amount(allowed, centre, unit)}",
+                      band, centre, allowed, judged.noise.runs if judged is not None else 0)
+
+
+def change_in_words(name: str, value: float, reference: float, unit: str | None, direction: str,
+                    allowed: float) -> str:
+    """"coverage fell 0.7 pp; allowed 0.5 pp": points for percentages, % for relative changes."""
+    delta = value - reference
+    verb = "rose" if delta > 0 else ("fell" if delta < 0 else "is unchanged")
+    shown = f"{name} {verb}" + (f" {change_amount(abs(delta), reference, unit)}" if delta else "")
+    return f"{shown}; allowed {'rise' if direction == 'down' else 'fall'} {change_amount(allowed, reference, unit)}"
+
+
+def change_amount(size: float, reference: float, unit: str | None) -> str:
+    """A change's size: points for percentages, else % of the reference with the amount."""
+    if unit == "percent":
+        return format_number(size, 2) + " pp"
+    if reference:
+        return f"{size / abs(reference) * 100:.1f}% ({format_value(size, unit)})"
+    return format_value(size, unit)
 
 
 class Baseline:
@@ -4200,6 +4424,7 @@ class Baseline:
                  environ: Mapping[str, str], max_age_days: int, now: dt.datetime):
         self.connection, self.branch, self.kind, self.commits = connection, branch, "none", []
         self.considered = 0
+        self.found: dict[str, tuple[int, str]] = {}  # metric → the baseline build's (id, timestamp)
         self.cutoff = (now - dt.timedelta(days=max_age_days)).strftime("%Y-%m-%dT%H:%M:%S")
         head = git(["rev-parse", "HEAD"], workdir)
         parents = (git(["rev-list", "--parents", "-n", "1", "HEAD"], workdir) or "").split()[1:]
@@ -4224,8 +4449,9 @@ class Baseline:
         if self.connection is None:
             return None, None
         events = ",".join("?" * len(BASELINE_EVENTS))
-        query = ("SELECT b.commit_sha, v.value_numeric FROM build_contexts b JOIN metric_values v ON v.build_id = b.id"
-                 f" WHERE v.metric_id = ? AND b.event_name IN ({events}) AND typeof(v.value_numeric) IN ('integer', 'real')")
+        query = ("SELECT b.commit_sha, v.value_numeric, b.id, b.timestamp FROM build_contexts b"
+                 " JOIN metric_values v ON v.build_id = b.id WHERE v.metric_id = ?"
+                 f" AND b.event_name IN ({events}) AND typeof(v.value_numeric) IN ('integer', 'real')")
         if self.commits:
             found = {}
             for chunk in range(0, len(self.commits), 400):
@@ -4233,29 +4459,44 @@ class Baseline:
                 rows = self.connection.execute(
                     query + f" AND b.commit_sha IN ({','.join('?' * len(part))}) ORDER BY b.timestamp",
                     (metric, *BASELINE_EVENTS, *part)).fetchall()
-                found.update(rows)
+                found.update((row[0], row) for row in rows)
             for commit in self.commits:
                 if commit in found:
-                    return found[commit], commit
+                    self.found[metric] = found[commit][2:]
+                    return found[commit][1], commit
             if not self.kind.startswith("the event"):
                 return None, None
         row = self.connection.execute(query + " AND b.branch = ? AND b.timestamp >= ? ORDER BY b.timestamp DESC LIMIT 1",
                                       (metric, *BASELINE_EVENTS, self.branch, self.cutoff)).fetchone()
         if row:
             self.kind = "the newest build on the branch"
+            self.found[metric] = row[2:]
             return row[1], row[0]
         return None, None
 
-    def recent(self, metric: str, size: int) -> list[float]:
-        """The metric's last `size` values on the baseline branch (push and import builds)."""
-        if self.connection is None:
+    def history(self, metric: str, size: int) -> list[tuple[float, list[float] | None]]:
+        """The metric's last `size` values on the baseline branch up to its baseline build (that
+        build's value last), oldest first, each with its runs when the metric was repeated."""
+        if self.connection is None or metric not in self.found:
             return []
+        build, moment = self.found[metric]
+        kept = self.connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'track_metrics_samples'").fetchone()
         rows = self.connection.execute(
-            "SELECT v.value_numeric FROM build_contexts b JOIN metric_values v ON v.build_id = b.id"
-            " WHERE v.metric_id = ? AND b.branch = ? AND b.event_name IN ('push', 'import')"
-            " AND typeof(v.value_numeric) IN ('integer', 'real') ORDER BY b.timestamp DESC LIMIT ?",
-            (metric, self.branch, size)).fetchall()
-        return [row[0] for row in rows]
+            f"SELECT v.value_numeric, {'s.samples' if kept else 'NULL'} FROM build_contexts b"
+            " JOIN metric_values v ON v.build_id = b.id"
+            + (" LEFT JOIN track_metrics_samples s ON s.build_id = b.id AND s.metric_id = v.metric_id" if kept else "")
+            + f" WHERE v.metric_id = ? AND (b.id = ? OR (b.branch = ? AND b.event_name IN"
+            f" ({','.join('?' * len(BASELINE_EVENTS))}) AND (b.timestamp, b.id) < (?, ?)))"
+            " AND typeof(v.value_numeric) IN ('integer', 'real') ORDER BY b.timestamp DESC, b.id DESC LIMIT ?",
+            (metric, build, self.branch, *BASELINE_EVENTS, moment, build, size)).fetchall()
+        history = []
+        for value, runs in reversed(rows):
+            try:
+                runs = [float(v) for v in json.loads(runs)] if runs else None
+            except (ValueError, TypeError):  # another tool's bytes: the value alone
+                runs = None
+            history.append((float(value), runs))
+        return history
 
 
 def github_event_base(environ: Mapping[str, str]) -> str | None:
@@ -4276,6 +4517,8 @@ def github_event(environ: Mapping[str, str]) -> dict:
 
 
 def evaluate_gate(config: Config, values: Mapping[str, Any], baseline: Baseline) -> list[MetricVerdict]:
+    """Each thresholded numeric metric's verdict; a value may be a list: a repeated metric's runs."""
+    import statistics
     rules_of: dict[str, list] = {}
     for rule in (config.quality_gate or {}).get("thresholds", []):
         rules_of.setdefault(rule["metric"], []).append(rule)
@@ -4284,20 +4527,22 @@ def evaluate_gate(config: Config, values: Mapping[str, Any], baseline: Baseline)
         if metric.id not in rules_of or metric.type != "numeric":
             continue
         value = values.get(metric.id)
+        runs = [float(v) for v in value] if isinstance(value, (list, tuple)) else (
+            [float(value)] if isinstance(value, (int, float)) else [])
         verdict = MetricVerdict(metric.id, metric.name or metric.id, metric.unit,
                                 metric.direction if metric.direction != "neutral" else "up",
-                                float(value) if isinstance(value, (int, float)) else None)
+                                statistics.median(runs) if runs else None)
         verdict.baseline, verdict.baseline_commit = baseline.value(metric.id)
         for rule in rules_of[metric.id]:
-            center = band = None
-            noise = rule.get("noise")
-            if noise and rule["mode"] in ("no-regression", "delta-max-drop"):
-                import statistics
-                recent = baseline.recent(metric.id, int(noise.get("sampleSize", 30)))
-                band = noise_band(recent, noise)
-                if band is not None:
-                    center = statistics.median(recent) if noise.get("model") != "t" else statistics.fmean(recent)
-            verdict.rules.append(evaluate_rule(rule, verdict, center, band))
+            noise, judged = rule.get("noise"), None
+            if noise and runs and rule["mode"] in ("no-regression", "delta-max-drop"):
+                history = baseline.history(metric.id, int(noise.get("sampleSize", 30)))
+                judged = judge_noise(history, runs, noise.get("model", "t"))
+                verdict.runs = max(verdict.runs, len(history))
+                verdict.history = [value for value, _ in history]
+            verdict.rules.append(evaluate_rule(rule, verdict, judged))
+        if not verdict.history:
+            verdict.history = [value for value, _ in baseline.history(metric.id, SPARK_VALUES)]
         verdicts.append(verdict)
     return verdicts
 
@@ -4305,18 +4550,72 @@ def evaluate_gate(config: Config, values: Mapping[str, Any], baseline: Baseline)
 def gate_status(verdicts: Sequence[MetricVerdict]) -> str:
     if any(v.status == "fail" for v in verdicts):
         return "fail"
-    return "pass" if any(v.status in ("pass", "warn") for v in verdicts) else "unknown"
+    return "pass" if any(v.status in ("pass", "warn", "accepted") for v in verdicts) else "unknown"
 
 
-def gate_comment(marker: str, status: str, mode: str, verdicts: Sequence[MetricVerdict], baseline_kind: str,
-                 branch: str, limit: int, note: str = "") -> str:
-    """The PR comment: failing rows first, the rest folded; capped in rows and characters."""
+SPARK_VALUES = 30  # base-branch values in a sparkline and a chart
+SPARKS = "▁▂▃▄▅▆▇█"
+MERMAID_LIMIT = 50_000  # Mermaid's own limit on a diagram's text
+
+
+def sparkline(values: Sequence[float]) -> str:
+    """▁▂▃▅▇: the values' shape in one line of text."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    if high == low:
+        return SPARKS[3] * len(values)
+    return "".join(SPARKS[min(7, int((v - low) / (high - low) * 8))] for v in values)
+
+
+def plain_number(value: float) -> str:
+    """A number as Mermaid reads it: no exponent, no thousands separator."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def mermaid_chart(verdict: MetricVerdict) -> str:
+    """A failing metric's history on the base branch with this PR's value as the last point, and
+    the line it had to stay on the right side of (the level and allowed worsening), as a
+    Mermaid xychart (GitHub draws Mermaid in comments)."""
+    history = verdict.history[-SPARK_VALUES:]
+    points = [*history, verdict.value]
+    labels = [str(i - len(history)) for i in range(len(history))] + ['"PR"']
+    rule = next((r for r in verdict.rules if r.status == "fail" and r.centre is not None), None)
+    series = [f"  line [{', '.join(plain_number(p) for p in points)}]"]
+    if rule is not None and rule.mode in ("min", "max"):
+        limit = rule.centre
+    elif rule is not None and rule.detectable is not None:
+        limit = rule.centre + (rule.detectable if verdict.direction == "down" else -rule.detectable)
+    else:
+        limit = None
+    if limit is not None:
+        series.append(f"  line [{', '.join(plain_number(limit) for _ in points)}]")
+    low, high = min(points + ([limit] if limit is not None else [])), max(points + ([limit] if limit is not None else []))
+    pad = (high - low) * 0.1 or abs(high) * 0.1 or 1
+    title = verdict.name.replace('"', "'")
+    axis = (verdict.unit or "value").replace('"', "'")
+    return "\n".join(["```mermaid", "xychart-beta", f'  title "{title}"', f"  x-axis [{', '.join(labels)}]",
+                      f'  y-axis "{axis}" {plain_number(low - pad)} --> {plain_number(high + pad)}', *series, "```"])
+
+
+def gate_comment(marker: str, status: str, mode: str, verdicts: Sequence[MetricVerdict], baseline_kind: str | None,
+                 branch: str, limit: int, note: str = "", accept_label: str = "") -> str:
+    """The PR comment: a table of the failing metrics (each with its history drawn and its rule
+    said in words), the rest folded; capped in rows and at GitHub's 65,536 characters, never
+    cutting inside a block."""
     icon = {"pass": "✅", "fail": "❌", "unknown": "❔"}[status]
     head = [marker, f"## {icon} Quality gate: {status} ({mode} mode)", ""]
     if note:
         head += [note, ""]
-    head.append(f"Baseline: {baseline_kind} on `{branch}`.")
-    header = ["", "| metric | base | this PR | change | allowed | result |", "|---|---|---|---|---|---|"]
+    if baseline_kind is not None:
+        head.append(f"Baseline: {baseline_kind} on `{branch}`.")
+    accepted = [v for v in verdicts if v.status == "accepted"]
+    if accepted:
+        head += ["", f"The label `{accept_label}` accepts {count(len(accepted), 'regression')}: "
+                 f"{', '.join(v.name for v in accepted)[:300]}. Remove it to gate them again."]
+    header = ["", "| metric | trend | baseline | this PR | change | runs | detects | result |",
+              "|---|---|---|---|---|---|---|---|"]
 
     def row(verdict: MetricVerdict) -> str:
         base = "—" if verdict.baseline is None else format_value(verdict.baseline, verdict.unit)
@@ -4325,23 +4624,52 @@ def gate_comment(marker: str, status: str, mode: str, verdicts: Sequence[MetricV
         value = "—" if verdict.value is None else format_value(verdict.value, verdict.unit)
         change = format_change(verdict.value, verdict.baseline, verdict.unit)[0] \
             if verdict.value is not None and verdict.baseline is not None else "—"
-        allowed = "; ".join(r.allowed for r in verdict.rules if r.allowed) or "—"
+        detects = "; ".join(r.allowed for r in verdict.rules if r.allowed) or "—"
         result = "; ".join(f"{r.status} ({r.severity})" if r.status == "fail" else r.status for r in verdict.rules)
-        cells = [verdict.name, base, value, change, allowed, result]
+        if verdict.status == "accepted":
+            result = f"accepted ({result})"
+        trend = sparkline([*verdict.history[-SPARK_VALUES:], *([verdict.value] if verdict.value is not None else [])])
+        cells = [verdict.name, trend or "—", base, value, change, str(verdict.runs or "—"), detects, result]
         return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
-    failing = [v for v in verdicts if v.status in ("fail", "warn")]
-    rest = [v for v in verdicts if v.status not in ("fail", "warn")]
+    def said(verdict: MetricVerdict) -> list[str]:
+        failed = [r for r in verdict.rules if r.status == "fail"]
+        lines = ["", f"**{verdict.name}**: " + "; ".join(r.message for r in failed)]
+        chart = mermaid_chart(verdict) if verdict.value is not None and verdict.history else ""
+        return lines + (["", chart] if chart and len(chart) <= MERMAID_LIMIT else [])
+
+    failing = [v for v in verdicts if v.status in ("fail", "warn", "accepted")]
+    rest = [v for v in verdicts if v.status not in ("fail", "warn", "accepted")]
     shown_failing, shown_rest = failing[:limit], rest[:max(0, limit - len(failing))]
-    lines = head + (header + [row(v) for v in shown_failing] if shown_failing else ["", "No metric failed."])
+    budget = COMMENT_LIMIT - 200  # room for the closing line
+    lines = list(head)
+    if shown_failing:
+        lines += header + [row(v) for v in shown_failing]
+    else:
+        lines += ["", "No metric failed."]
+    size = sum(len(line) + 1 for line in lines)
+    dropped = 0
+    for verdict in shown_failing:  # whole blocks only: a cut Mermaid block would not render
+        block = said(verdict)
+        cost = sum(len(line) + 1 for line in block)
+        if size + cost > budget:
+            dropped += 1
+            continue
+        lines, size = lines + block, size + cost
     if shown_rest:
-        lines += ["", f"<details><summary>{count(len(rest), 'other metric')}</summary>", *header,
+        folded = ["", f"<details><summary>{count(len(rest), 'other metric')}</summary>", *header,
                   *(row(v) for v in shown_rest), "", "</details>"]
+        if size + sum(len(line) + 1 for line in folded) <= budget:
+            lines += folded
+        else:
+            dropped += len(shown_rest)
     hidden = len(verdicts) - len(shown_failing) - len(shown_rest)
     if hidden:
         lines += ["", f"{count(hidden, 'more metric')} not shown (max-pr-comment-metrics)."]
-    body = "\n".join(lines) + "\n"
-    return body if len(body) <= COMMENT_LIMIT else body[:COMMENT_LIMIT - 40] + "\n\n… (cut at 65,000 characters)\n"
+    if dropped:
+        lines += ["", f"{count(dropped, 'chart or table')} left out to stay within GitHub's 65,536 characters; "
+                  "the job summary and the results file have every metric."]
+    return "\n".join(lines) + "\n"
 
 
 GITHUB_ACTIONS_BOT = "github-actions[bot]"
@@ -4399,6 +4727,7 @@ class GateSettings:
     branch: str
     values_file: Path | None = None
     comment_file: Path | None = None
+    accept_label: str = ACCEPT_LABEL
 
 
 def gate_settings(args: argparse.Namespace, environ: Mapping[str, str], config: Config) -> GateSettings:
@@ -4418,9 +4747,10 @@ def gate_settings(args: argparse.Namespace, environ: Mapping[str, str], config: 
         or environ.get("GITHUB_BASE_REF") or environ.get("CI_MERGE_REQUEST_TARGET_BRANCH_NAME") or "main"
     marker = (sources.get("comment_marker", "pr-comment-marker") or (GATE_MARKER,))[0]
     output = Path((sources.get("output_file", "output-file") or (GATE_RESULTS,))[0])
+    label = (sources.get("accept_label", "accept-label") or (gate.get("acceptLabel", ACCEPT_LABEL),))[0]
     return GateSettings(mode, comment_on, marker, limit, output, branch,
                         Path(args.values) if getattr(args, "values", None) else None,
-                        Path(args.comment_file) if getattr(args, "comment_file", None) else None)
+                        Path(args.comment_file) if getattr(args, "comment_file", None) else None, label)
 
 
 def gate_values(settings: GateSettings, params: ActionParameters, config: Config, console: Console,
@@ -4436,12 +4766,7 @@ def gate_values(settings: GateSettings, params: ActionParameters, config: Config
         if not isinstance(document, dict):
             raise TrackMetricsError("PARAM_INVALID", f"--values {settings.values_file}: expected an object "
                                     "of metric id → value", type="validation")
-        values = {k: v for k, v in document.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-        huge = [k for k, v in values.items() if not isinstance(v, str) and not _number(v)]
-        if huge:
-            raise TrackMetricsError("PARAM_INVALID", f"--values {settings.values_file}: {huge[0]} is "
-                                    f"{show(values[huge[0]])[:40]}; accepted: a finite number", type="validation")
-        return values
+        return checked_values(document, config, f"--values {settings.values_file}")
     build = detect_build(environ, params, now_utc(), lambda args: git(args, params.workdir))
     runner = CommandRunner(params.workdir, environ, console.secrets, config.sources, config.base_path,
                            params.pass_env)
@@ -4451,7 +4776,39 @@ def gate_values(settings: GateSettings, params: ActionParameters, config: Config
             console.info(f"  {outcome.id} = {outcome.value!s}")
         else:
             console.warning(f"metric {outcome.id} skipped: {outcome.error}")
-    return {outcome.id: outcome.value for outcome in outcomes if outcome.ok}
+    return {outcome.id: list(outcome.samples) if outcome.samples else outcome.value
+            for outcome in outcomes if outcome.ok}
+
+
+def checked_values(document: Mapping[str, Any], config: Config, where: str) -> dict[str, Any]:
+    """A values file's metric id → value (a number, a repeated metric's list of runs, or a
+    label's text), each id a metric of the configuration: a typo must not make a green gate."""
+    import difflib
+    kinds = {metric.id: metric.type for metric in config.metrics}
+    values = {}
+    for name, value in document.items():
+        if name not in kinds:
+            close = difflib.get_close_matches(str(name), sorted(kinds), n=1, cutoff=0.6)
+            raise TrackMetricsError("PARAM_INVALID", f"{where}: {show(name)} is not a metric of this configuration"
+                                    f"{f' (did you mean {close[0]!r}?)' if close else ''}; metrics: "
+                                    f"{', '.join(sorted(kinds))[:200]}", type="validation")
+        runs = value if isinstance(value, list) else [value]
+        if kinds[name] == "label":
+            readable = isinstance(value, str) and len(value) <= 256
+            accepted = "a label of at most 256 characters"
+        else:
+            readable = 0 < len(runs) <= MAX_REPEAT and all(_number(v) for v in runs)
+            accepted = f"a finite number, or a list of 1 to {MAX_REPEAT} (a repeated metric's runs)"
+        if not readable:
+            raise TrackMetricsError("PARAM_INVALID", f"{where}: {name} is {show(value)[:40]}; accepted: {accepted}",
+                                    type="validation")
+        values[name] = value
+    return values
+
+
+def pull_request_labels(environ: Mapping[str, str]) -> set[str]:
+    labels = (github_event(environ).get("pull_request") or {}).get("labels") or []
+    return {label.get("name") for label in labels if isinstance(label, dict) and isinstance(label.get("name"), str)}
 
 
 def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: Console, config: Config,
@@ -4463,7 +4820,7 @@ def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: 
     note, connection, params = "", None, None
     values: dict[str, Any] = {}
     verdicts: list[MetricVerdict] = []
-    baseline_kind = "none"
+    baseline_kind: str | None = None
     considered = 0
     try:
         if settings.mode != "off":
@@ -4489,11 +4846,22 @@ def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: 
             baseline = Baseline(connection, settings.branch, params.workdir, environ,
                                 int((gate.get("baseline") or {}).get("maxAgeDays", 90)), now_utc())
             verdicts = evaluate_gate(config, values, baseline)
-            baseline_kind = baseline.kind
+            if not gate.get("thresholds"):
+                note = ("The configuration has no qualityGate.thresholds, so the gate judges nothing; add a rule "
+                        "per metric (the README recommends one for each kind of metric).")
             if connection is not None:
-                considered = connection.execute(
-                    "SELECT COUNT(*) FROM build_contexts WHERE branch = ? AND event_name IN ('push', 'import')",
-                    (settings.branch,)).fetchone()[0]
+                baseline_kind = baseline.kind
+                considered, local = connection.execute(
+                    "SELECT COALESCE(SUM(event_name IN ('push', 'import')), 0),"
+                    " COALESCE(SUM(event_name = 'local'), 0) FROM build_contexts WHERE branch = ?",
+                    (settings.branch,)).fetchone()
+                if not considered and local and not note:
+                    note = (f"The history's only builds of `{settings.branch}` are local ones ({count(local, 'build')}"
+                            "), which are never a baseline: record the base branch's builds from CI, or with "
+                            "`--event push` where a laptop stands in for it.")
+            if settings.accept_label in pull_request_labels(environ):
+                for verdict in verdicts:
+                    verdict.accepted = True
         else:
             note = "The quality gate is off (quality-gate-mode off): nothing was evaluated."
     finally:
@@ -4503,7 +4871,7 @@ def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: 
     status = gate_status(verdicts) if settings.mode != "off" else "unknown"
     failing = [v.metric for v in verdicts if v.status == "fail"]
     body = console.redact(gate_comment(settings.marker, status, settings.mode, verdicts, baseline_kind,
-                                       settings.branch, settings.max_metrics, note))
+                                       settings.branch, settings.max_metrics, note, settings.accept_label))
     if settings.comment_file:
         settings.comment_file.write_text(body, encoding="utf-8")
     comment_url = post_gate_comment(settings, body, environ, console) if settings.mode != "off" else ""
@@ -4513,11 +4881,13 @@ def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: 
     document = {
         **unentropy_gate_document(config, settings, status, verdicts, values, comment_url, started),
         "status": status, "mode": settings.mode, "referenceBranch": settings.branch,
-        "baseline": {"kind": baseline_kind, "buildsConsidered": considered}, "note": note,
+        "baseline": {"kind": baseline_kind or "none", "buildsConsidered": considered}, "note": note,
+        "acceptLabel": settings.accept_label, "accepted": [v.metric for v in verdicts if v.status == "accepted"],
         "failingMetrics": failing, "metricsCollected": len(values),
         "metrics": [{"metric": v.metric, "name": v.name, "unit": v.unit, "direction": v.direction,
                      "value": v.value, "baseline": v.baseline, "baselineCommit": v.baseline_commit,
-                     "status": v.status, "rules": [dataclasses.asdict(r) for r in v.rules]} for v in verdicts],
+                     "runs": v.runs, "status": v.status, "rules": [dataclasses.asdict(r) for r in v.rules]}
+                    for v in verdicts],
     }
     results_json = console.redact(json.dumps(document, separators=(",", ":")))
     settings.output_file.parent.mkdir(parents=True, exist_ok=True)
@@ -4547,11 +4917,11 @@ def unentropy_gate_document(config: Config, settings: GateSettings, status: str,
         thresholds.setdefault(rule.get("metric"), rule)
     metrics = []
     for verdict in verdicts:
-        failed = [r for r in verdict.rules if r.status == "fail"]
+        failed = [r for r in verdict.rules if r.status == "fail" and not verdict.accepted]
         entry: dict[str, Any] = {
             "metric": verdict.metric, "unit": verdict.unit, "baseline": verdict.baseline,
             "pullRequestValue": verdict.value, "threshold": thresholds.get(verdict.metric),
-            "status": "fail" if failed else verdict.status,  # Unentropy's: pass, fail or unknown
+            "status": "fail" if failed else {"accepted": "pass"}.get(verdict.status, verdict.status),  # pass, fail, unknown
             "message": "; ".join(r.message for r in (failed or verdict.rules)) or None,
             "isBlocking": any(r.severity == "blocker" for r in (failed or verdict.rules))}
         if isinstance(verdict.value, (int, float)) and isinstance(verdict.baseline, (int, float)):
@@ -4559,6 +4929,8 @@ def unentropy_gate_document(config: Config, settings: GateSettings, status: str,
             if verdict.baseline:
                 entry["relativeDeltaPercent"] = entry["absoluteDelta"] / verdict.baseline * 100
         metrics.append({name: value for name, value in entry.items() if value is not None})
+    import statistics
+    values = {name: statistics.median(value) if isinstance(value, list) else value for name, value in values.items()}
     judged = {verdict.metric for verdict in verdicts}
     units = {metric.id: metric.unit for metric in config.metrics}
     metrics += [{name: value for name, value in (("metric", metric), ("unit", units.get(metric)),
@@ -4616,6 +4988,7 @@ class ImportRecord:
     run_number: int
     unit: str | None = None
     description: str | None = None
+    samples: tuple[float, ...] = ()
 
     @property
     def type(self) -> str:
@@ -4649,6 +5022,10 @@ def canonical_problem(record: Any) -> str | None:
         return "run_number must be a whole number from 0 to 2^63 - 1 (SQLite's largest integer)"
     if "metadata" in record and not isinstance(record["metadata"], dict):
         return "metadata must be an object"
+    samples = (record.get("metadata") or {}).get("samples")
+    if samples is not None and not (isinstance(samples, list) and 1 < len(samples) <= MAX_REPEAT
+                                    and all(_number(v) for v in samples) and numeric is not None):
+        return f"metadata.samples must be 2 to {MAX_REPEAT} finite numbers beside a value_numeric"
     return None
 
 
@@ -4729,7 +5106,8 @@ def resolve_imports(text: str, fmt: str, trend_branch: str, workdir: Path, stric
                                     record.get("branch", trend_branch),
                                     record.get("run_id", f"import:{source}:{commit[:12]}"),
                                     record.get("run_number", 0), str(unit)[:32] if unit else None,
-                                    str(description)[:256] if description else None))
+                                    str(description)[:256] if description else None,
+                                    tuple(float(v) for v in (record.get("metadata") or {}).get("samples") or ())))
     return records, problems
 
 
@@ -4758,9 +5136,12 @@ def apply_imports(connection: sqlite3.Connection, records: Sequence[ImportRecord
             connection.execute("DELETE FROM track_metrics_pruned WHERE commit_sha = ? AND run_id = ?",
                                (record.commit_sha, record.run_id))
             numeric, label = (None, record.value) if record.type == "label" else (record.value, None)
-            added += connection.execute(
+            inserted = connection.execute(
                 "INSERT INTO metric_values (metric_id, build_id, value_numeric, value_label) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (metric_id, build_id) DO NOTHING", (record.metric_id, build_id, numeric, label)).rowcount
+            if inserted and record.samples:
+                store_samples(connection, build_id, record.metric_id, record.samples)
+            added += inserted
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")
@@ -4771,9 +5152,12 @@ def apply_imports(connection: sqlite3.Connection, records: Sequence[ImportRecord
 def export_history(connection: sqlite3.Connection, fmt: str, metric: str | None, branch: str | None,
                    since: str | None) -> Iterator[str]:
     """The history as canonical JSONL (one value a line; `import` reads it back) or CSV."""
+    kept = connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'track_metrics_samples'").fetchone()
     query = ("SELECT v.metric_id, b.timestamp, v.value_numeric, v.value_label, b.commit_sha, b.branch, b.run_id,"
-             " b.run_number, d.unit, d.description FROM metric_values v JOIN build_contexts b ON b.id = v.build_id"
-             " LEFT JOIN metric_definitions d ON d.id = v.metric_id WHERE 1 = 1")
+             f" b.run_number, d.unit, d.description, {'s.samples' if kept else 'NULL'} FROM metric_values v"
+             " JOIN build_contexts b ON b.id = v.build_id LEFT JOIN metric_definitions d ON d.id = v.metric_id"
+             + (" LEFT JOIN track_metrics_samples s ON s.build_id = v.build_id AND s.metric_id = v.metric_id"
+                if kept else "") + " WHERE 1 = 1")
     arguments: list[Any] = []
     for clause, value in ((" AND v.metric_id = ?", metric), (" AND b.branch = ?", branch), (" AND b.timestamp >= ?", since)):
         if value:
@@ -4785,7 +5169,9 @@ def export_history(connection: sqlite3.Connection, fmt: str, metric: str | None,
         record = {name: value for name, value in zip(columns, row) if value is not None}
         # What import needs to recreate the same build key and definition (canonical fields
         # take a 40-hex commit only: another one, such as "unknown", travels in the metadata).
-        metadata = {name: value for name, value in zip(("unit", "description"), row[8:]) if value}
+        metadata = {name: value for name, value in zip(("unit", "description"), row[8:10]) if value}
+        if row[10]:
+            metadata["samples"] = json.loads(row[10])
         if not COMMIT.fullmatch(str(record.get("commit_sha", ""))):
             metadata["commit"] = record.pop("commit_sha", "")
         if metadata and fmt != "csv":
@@ -4845,6 +5231,8 @@ def apply_prune(connection: sqlite3.Connection, removed: Sequence[int]) -> int:
             connection.execute(f"INSERT OR IGNORE INTO track_metrics_pruned SELECT commit_sha, run_id FROM"
                                f" build_contexts WHERE id IN ({marks})", chunk)
             values += connection.execute(f"DELETE FROM metric_values WHERE build_id IN ({marks})", chunk).rowcount
+            connection.execute(SAMPLES_DDL)
+            connection.execute(f"DELETE FROM track_metrics_samples WHERE build_id IN ({marks})", chunk)
             connection.execute(f"DELETE FROM build_contexts WHERE id IN ({marks})", chunk)
         connection.execute("COMMIT")
     except BaseException:
@@ -5138,6 +5526,7 @@ class RunChange(Change):
     def __init__(self):
         self.build: BuildContext | None = None
         self.values: dict[str, Any] = {}
+        self.samples: dict[str, tuple[float, ...]] = {}  # repeated metrics' samples
         self.recorded: dict[str, Any] = {}  # the values the database took
 
     @property
@@ -5166,9 +5555,12 @@ class RunChange(Change):
             console.debug(f"  {outcome.id}: ran in {outcome.duration_ms} ms")
             if outcome.ok:
                 self.values[outcome.id] = outcome.value
+                if outcome.samples:
+                    self.samples[outcome.id] = outcome.samples
                 result.metrics_collected.append(outcome.id)
                 shown = js_string(outcome.value) if isinstance(outcome.value, float) else outcome.value
-                console.info(f"  {outcome.id} = {shown} ({outcome.duration_ms} ms)")
+                runs = f", median of {len(outcome.samples)} runs" if outcome.samples else ""
+                console.info(f"  {outcome.id} = {shown} ({outcome.duration_ms} ms{runs})")
                 if outcome.warning:
                     console.warning(f"metric {outcome.id}: {outcome.warning}")
             else:
@@ -5180,7 +5572,7 @@ class RunChange(Change):
                                     "nothing was uploaded (see the warnings above)", type="collection")
 
     def apply(self, connection: sqlite3.Connection, tracking: "TrackingRun") -> Callable[[], None]:
-        build_id, skipped = record_build(connection, self.build, tracking.config.metrics, self.values)
+        build_id, skipped = record_build(connection, self.build, tracking.config.metrics, self.values, self.samples)
         orphans = connection.execute(  # the foreign keys of what this run added, not the whole file's
             "SELECT COUNT(*) FROM metric_values v LEFT JOIN metric_definitions d ON d.id = v.metric_id"
             " LEFT JOIN build_contexts b ON b.id = v.build_id WHERE v.build_id = ? AND"
@@ -5836,7 +6228,9 @@ def build_parser() -> argparse.ArgumentParser:
         (("--output-file",), {"help": f"the results document (default: {GATE_RESULTS})"}),
         (("--pr-comment-marker",), {"dest": "comment_marker", "help": f"the comment's marker (default: {GATE_MARKER})"}),
         (("--max-pr-comment-metrics",), {"dest": "max_comment_metrics", "help": "rows in the comment (default: 30)"}),
-        (("--enable-pr-comment",), {"dest": "pr_comment", "help": "true (default) or false"}))
+        (("--enable-pr-comment",), {"dest": "pr_comment", "help": "true (default) or false"}),
+        (("--accept-label",), {"help": f"a pull request label that accepts its regressions (default: "
+                                       f"qualityGate.acceptLabel, else {ACCEPT_LABEL})"}))
     importing = group(
         "import",
         (("--format",), {"choices": ("jsonl", "csv", "benchmark-action"), "default": "jsonl",
