@@ -4240,7 +4240,7 @@ class Noise:
 
 CHANGE_POINT = 4.0  # a level shift this many standard errors wide is a step, not noise
 OUTLIER = 3.5  # a value this many noise widths from its neighbours' median is an outlier
-SAMPLE_OUTLIER = 4.0
+SAMPLE_OUTLIER = 5.0
 PLAUSIBLE = 2.5  # a shift this wide is judged both ways (since it, and over the whole level)
 SEGMENTED = 8  # the fewest values searched for outliers and steps  # a repeated run this many noise widths from its runs' median is left out
 
@@ -4261,15 +4261,18 @@ def estimate_noise(values: Sequence[float], model: str = "t") -> Noise | None:
     if 2 * sum(d == 0 for d in diffs) >= len(diffs) or rough == 0:
         return Noise(0.0, len(values) - 1, ((values[-1], 1),), len(values), model)
     last, kept, segments = len(values) - 1, values, [values]
-    if len(values) >= SEGMENTED:  # fewer values say too little of outliers and steps
-        kept = [v for i, v in enumerate(values)  # the baseline build's value stays: it may start a level
-                if i == last or abs(v - statistics.median(values[max(0, i - 2):i + 3])) <= OUTLIER * rough]
-        segments = _segments(kept, rough, CHANGE_POINT)
-    residuals = [v - statistics.fmean(segment) for segment in segments for v in segment]
-    freedom = len(kept) - len(segments)
-    if freedom < 1:
-        return None
-    sigma = math.sqrt(sum(r * r for r in residuals) / freedom)
+    residuals: list[float] = []
+    sigma, freedom = rough, len(values) - 1
+    for _ in range(2 if len(values) >= SEGMENTED else 1):  # fewer values say too little of outliers and steps
+        if len(values) >= SEGMENTED:  # again with the pooled width, which the first pass made precise
+            kept = [v for i, v in enumerate(values)  # the baseline build's value stays: it may start a level
+                    if i == last or abs(v - statistics.median(values[max(0, i - 2):i + 3])) <= OUTLIER * sigma]
+            segments = _segments(kept, rough, CHANGE_POINT)
+        residuals = [v - statistics.fmean(segment) for segment in segments for v in segment]
+        freedom = len(kept) - len(segments)
+        if freedom < 1:
+            return None
+        sigma = math.sqrt(sum(r * r for r in residuals) / freedom)
     newest = segments[-1]
     levels = [(statistics.fmean(newest), len(newest))]
     split, score = _best_split(newest, rough, minimum_right=SEGMENTED)
@@ -4518,33 +4521,40 @@ def github_event(environ: Mapping[str, str]) -> dict:
 
 def evaluate_gate(config: Config, values: Mapping[str, Any], baseline: Baseline) -> list[MetricVerdict]:
     """Each thresholded numeric metric's verdict; a value may be a list: a repeated metric's runs."""
-    import statistics
     rules_of: dict[str, list] = {}
     for rule in (config.quality_gate or {}).get("thresholds", []):
         rules_of.setdefault(rule["metric"], []).append(rule)
     verdicts = []
     for metric in config.metrics:
-        if metric.id not in rules_of or metric.type != "numeric":
-            continue
-        value = values.get(metric.id)
-        runs = [float(v) for v in value] if isinstance(value, (list, tuple)) else (
-            [float(value)] if isinstance(value, (int, float)) else [])
-        verdict = MetricVerdict(metric.id, metric.name or metric.id, metric.unit,
-                                metric.direction if metric.direction != "neutral" else "up",
-                                statistics.median(runs) if runs else None)
-        verdict.baseline, verdict.baseline_commit = baseline.value(metric.id)
-        for rule in rules_of[metric.id]:
-            noise, judged = rule.get("noise"), None
-            if noise and runs and rule["mode"] in ("no-regression", "delta-max-drop"):
-                history = baseline.history(metric.id, int(noise.get("sampleSize", 30)))
-                judged = judge_noise(history, runs, noise.get("model", "t"))
-                verdict.runs = max(verdict.runs, len(history))
-                verdict.history = [value for value, _ in history]
-            verdict.rules.append(evaluate_rule(rule, verdict, judged))
-        if not verdict.history:
-            verdict.history = [value for value, _ in baseline.history(metric.id, SPARK_VALUES)]
-        verdicts.append(verdict)
+        if metric.id in rules_of and metric.type == "numeric":
+            value = values.get(metric.id)
+            runs = [float(v) for v in value] if isinstance(value, (list, tuple)) else (
+                [float(value)] if isinstance(value, (int, float)) else [])
+            verdicts.append(judge_metric(metric, rules_of[metric.id], runs, baseline.value(metric.id),
+                                         lambda size, metric=metric.id: baseline.history(metric, size)))
     return verdicts
+
+
+def judge_metric(metric: MetricConfig, rules: Sequence[Mapping[str, Any]], runs: Sequence[float],
+                 baseline: tuple[float | None, str | None],
+                 history: Callable[[int], list[tuple[float, list[float] | None]]]) -> MetricVerdict:
+    """One metric's verdict from this PR's runs, its baseline build (value, commit) and its base
+    branch's history up to that build (the last `size` values, oldest first)."""
+    import statistics
+    verdict = MetricVerdict(metric.id, metric.name or metric.id, metric.unit,
+                            metric.direction if metric.direction != "neutral" else "up",
+                            statistics.median(runs) if runs else None, *baseline)
+    for rule in rules:
+        noise, judged = rule.get("noise"), None
+        if noise and runs and rule["mode"] in ("no-regression", "delta-max-drop"):
+            values = history(int(noise.get("sampleSize", 30)))
+            judged = judge_noise(values, runs, noise.get("model", "t"))
+            verdict.runs = max(verdict.runs, len(values))
+            verdict.history = [value for value, _ in values]
+        verdict.rules.append(evaluate_rule(rule, verdict, judged))
+    if not verdict.history:
+        verdict.history = [value for value, _ in history(SPARK_VALUES)]
+    return verdict
 
 
 def gate_status(verdicts: Sequence[MetricVerdict]) -> str:
