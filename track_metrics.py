@@ -4590,7 +4590,7 @@ def mermaid_chart(verdict: MetricVerdict) -> str:
     Mermaid xychart (GitHub draws Mermaid in comments)."""
     history = verdict.history[-SPARK_VALUES:]
     points = [*history, verdict.value]
-    labels = [str(i - len(history)) for i in range(len(history))] + ['"PR"']
+    labels = [f'"{i - len(history)}"' for i in range(len(history))] + ['"PR"']  # builds before the PR
     rule = next((r for r in verdict.rules if r.status == "fail" and r.centre is not None), None)
     series = [f"  line [{', '.join(plain_number(p) for p in points)}]"]
     if rule is not None and rule.mode in ("min", "max"):
