@@ -348,6 +348,7 @@ def test_a_refused_comment_is_a_warning_and_a_fork_without_secrets_is_unknown_no
     assert "fork" in values_of(result)["note"] and "access key" in values_of(result)["note"]
     assert "could not be written (HTTP 403)" in result.stderr
     assert "fork" in Path(env["GITHUB_STEP_SUMMARY"]).read_text()
+    assert "Baseline:" not in Path(env["GITHUB_STEP_SUMMARY"]).read_text()  # no baseline line beside "No baseline"
 
 
 def test_values_from_a_file_for_the_two_workflow_fork_pattern(repo, tmp_path):
