@@ -2457,6 +2457,14 @@ def record_build(connection: sqlite3.Connection, build: BuildContext, metrics: S
     return build_id, skipped
 
 
+def samples_join(connection: sqlite3.Connection, values: str = "v") -> tuple[str, str]:
+    """The column and join that read each value's runs beside it (NULL in a file without them)."""
+    if not connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'track_metrics_samples'").fetchone():
+        return "NULL", ""
+    return "s.samples", (" LEFT JOIN track_metrics_samples s ON s.build_id = "
+                         f"{values}.build_id AND s.metric_id = {values}.metric_id")
+
+
 def store_samples(connection: sqlite3.Connection, build_id: int, metric: str, samples: Sequence[float] | None) -> None:
     """Keep a repeated metric's samples beside its value (a re-run without them drops the old ones)."""
     connection.execute("DELETE FROM track_metrics_samples WHERE build_id = ? AND metric_id = ?", (build_id, metric))
@@ -4186,7 +4194,8 @@ def student_t_quantile(probability: float, freedom: int) -> float:
         return math.tan(math.pi * (p - 0.5))
     if nu == 2:
         return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    z = normal_quantile(p)
+    import statistics
+    z = statistics.NormalDist().inv_cdf(p)
     g = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
          (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
          (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
@@ -4212,11 +4221,6 @@ def student_t_quantile(probability: float, freedom: int) -> float:
     return t
 
 
-def normal_quantile(probability: float) -> float:
-    import statistics
-    return statistics.NormalDist().inv_cdf(probability)
-
-
 @dataclass(frozen=True)
 class Noise:
     """What the base branch's history, up to the baseline build, says about a metric's noise."""
@@ -4240,9 +4244,9 @@ class Noise:
 
 CHANGE_POINT = 4.0  # a level shift this many standard errors wide is a step, not noise
 OUTLIER = 3.5  # a value this many noise widths from its neighbours' median is an outlier
-SAMPLE_OUTLIER = 5.0
+SAMPLE_OUTLIER = 5.0  # a repeated run this many noise widths from its runs' median is left out
 PLAUSIBLE = 2.5  # a shift this wide is judged both ways (since it, and over the whole level)
-SEGMENTED = 8  # the fewest values searched for outliers and steps  # a repeated run this many noise widths from its runs' median is left out
+SEGMENTED = 8  # the fewest values searched for outliers and steps
 
 
 def estimate_noise(values: Sequence[float], model: str = "t") -> Noise | None:
@@ -4260,11 +4264,9 @@ def estimate_noise(values: Sequence[float], model: str = "t") -> Noise | None:
     rough = statistics.median(abs(d - middle) for d in diffs) / (0.6745 * math.sqrt(2))
     if 2 * sum(d == 0 for d in diffs) >= len(diffs) or rough == 0:
         return Noise(0.0, len(values) - 1, ((values[-1], 1),), len(values), model)
-    last, kept, segments = len(values) - 1, values, [values]
-    residuals: list[float] = []
-    sigma, freedom = rough, len(values) - 1
-    for _ in range(2 if len(values) >= SEGMENTED else 1):  # fewer values say too little of outliers and steps
-        if len(values) >= SEGMENTED:  # again with the pooled width, which the first pass made precise
+    last, kept, segments, sigma = len(values) - 1, values, [values], rough
+    for _ in range(2):  # the second pass leaves outliers out by the pooled width the first made precise
+        if len(values) >= SEGMENTED:  # fewer values say too little of outliers and steps
             kept = [v for i, v in enumerate(values)  # the baseline build's value stays: it may start a level
                     if i == last or abs(v - statistics.median(values[max(0, i - 2):i + 3])) <= OUTLIER * sigma]
             segments = _segments(kept, rough, CHANGE_POINT)
@@ -4483,12 +4485,10 @@ class Baseline:
         if self.connection is None or metric not in self.found:
             return []
         build, moment = self.found[metric]
-        kept = self.connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'track_metrics_samples'").fetchone()
+        column, join = samples_join(self.connection)
         rows = self.connection.execute(
-            f"SELECT v.value_numeric, {'s.samples' if kept else 'NULL'} FROM build_contexts b"
-            " JOIN metric_values v ON v.build_id = b.id"
-            + (" LEFT JOIN track_metrics_samples s ON s.build_id = b.id AND s.metric_id = v.metric_id" if kept else "")
-            + f" WHERE v.metric_id = ? AND (b.id = ? OR (b.branch = ? AND b.event_name IN"
+            f"SELECT v.value_numeric, {column} FROM build_contexts b JOIN metric_values v ON v.build_id = b.id{join}"
+            f" WHERE v.metric_id = ? AND (b.id = ? OR (b.branch = ? AND b.event_name IN"
             f" ({','.join('?' * len(BASELINE_EVENTS))}) AND (b.timestamp, b.id) < (?, ?)))"
             " AND typeof(v.value_numeric) IN ('integer', 'real') ORDER BY b.timestamp DESC, b.id DESC LIMIT ?",
             (metric, build, self.branch, *BASELINE_EVENTS, moment, build, size)).fetchall()
@@ -4544,16 +4544,16 @@ def judge_metric(metric: MetricConfig, rules: Sequence[Mapping[str, Any]], runs:
     verdict = MetricVerdict(metric.id, metric.name or metric.id, metric.unit,
                             metric.direction if metric.direction != "neutral" else "up",
                             statistics.median(runs) if runs else None, *baseline)
+    windows = [int(rule["noise"].get("sampleSize", 30)) for rule in rules if rule.get("noise")]
+    past = history(max([SPARK_VALUES, *windows]))  # one read for every rule and the comment's chart
+    verdict.history = [value for value, _ in past]
     for rule in rules:
         noise, judged = rule.get("noise"), None
         if noise and runs and rule["mode"] in ("no-regression", "delta-max-drop"):
-            values = history(int(noise.get("sampleSize", 30)))
-            judged = judge_noise(values, runs, noise.get("model", "t"))
-            verdict.runs = max(verdict.runs, len(values))
-            verdict.history = [value for value, _ in values]
+            window = past[-int(noise.get("sampleSize", 30)):]
+            judged = judge_noise(window, runs, noise.get("model", "t"))
+            verdict.runs = max(verdict.runs, len(window))
         verdict.rules.append(evaluate_rule(rule, verdict, judged))
-    if not verdict.history:
-        verdict.history = [value for value, _ in history(SPARK_VALUES)]
     return verdict
 
 
@@ -4601,7 +4601,8 @@ def mermaid_chart(verdict: MetricVerdict) -> str:
         limit = None
     if limit is not None:
         series.append(f"  line [{', '.join(plain_number(limit) for _ in points)}]")
-    low, high = min(points + ([limit] if limit is not None else [])), max(points + ([limit] if limit is not None else []))
+    drawn = points + ([limit] if limit is not None else [])
+    low, high = min(drawn), max(drawn)
     pad = (high - low) * 0.1 or abs(high) * 0.1 or 1
     title = verdict.name.replace('"', "'")
     axis = (verdict.unit or "value").replace('"', "'")
@@ -5162,12 +5163,11 @@ def apply_imports(connection: sqlite3.Connection, records: Sequence[ImportRecord
 def export_history(connection: sqlite3.Connection, fmt: str, metric: str | None, branch: str | None,
                    since: str | None) -> Iterator[str]:
     """The history as canonical JSONL (one value a line; `import` reads it back) or CSV."""
-    kept = connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'track_metrics_samples'").fetchone()
+    column, join = samples_join(connection)
     query = ("SELECT v.metric_id, b.timestamp, v.value_numeric, v.value_label, b.commit_sha, b.branch, b.run_id,"
-             f" b.run_number, d.unit, d.description, {'s.samples' if kept else 'NULL'} FROM metric_values v"
-             " JOIN build_contexts b ON b.id = v.build_id LEFT JOIN metric_definitions d ON d.id = v.metric_id"
-             + (" LEFT JOIN track_metrics_samples s ON s.build_id = v.build_id AND s.metric_id = v.metric_id"
-                if kept else "") + " WHERE 1 = 1")
+             f" b.run_number, d.unit, d.description, {column} FROM metric_values v"
+             f" JOIN build_contexts b ON b.id = v.build_id LEFT JOIN metric_definitions d ON d.id = v.metric_id{join}"
+             " WHERE 1 = 1")
     arguments: list[Any] = []
     for clause, value in ((" AND v.metric_id = ?", metric), (" AND b.branch = ?", branch), (" AND b.timestamp >= ?", since)):
         if value:
@@ -6496,12 +6496,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "prune" and args.pull_requests_older_than is None and args.older_than is None:
             raise TrackMetricsError("PARAM_MISSING", "prune needs --pull-requests-older-than DAYS or "
                                     "--older-than DAYS", type="validation")
-        if args.command == "gate":
-            config = load_config(config_path, named_by)
-            for warning in config.warnings:
-                console.warning(warning)
-            with cancellation(float(environ.get("INPUT_TIMEOUT") or 300)):
-                return gate_command(args, environ, console, config, config_path)
         if args.command in ("check", "report", "import", "export", "prune") and not config_path.exists():
             # check needs no metrics; report draws every metric the database defines, as stored
             config = Config(storage=StorageConfiguration() if args.command == "check" else None)
@@ -6509,6 +6503,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             config = load_config(config_path, named_by)
         for warning in config.warnings:
             console.warning(warning)
+        if args.command == "gate":
+            with cancellation(float(environ.get("INPUT_TIMEOUT") or 300)):
+                return gate_command(args, environ, console, config, config_path)
         params = ActionParameters.from_sources(args, environ, config, config_path)
         if params.credentials is not None:  # the chain's come from files or STS, not the environment
             for secret in (params.credentials.secret_access_key, params.credentials.session_token or ""):
