@@ -299,10 +299,15 @@ def serve(handler, host: str = "127.0.0.1"):
 
 
 def read_outputs(path: Path) -> dict[str, str]:
-    """The name<<DELIMITER blocks the tool appends to GITHUB_OUTPUT, as the runner reads them."""
+    """GITHUB_OUTPUT as the runner reads it: the name<<DELIMITER blocks the tool appends, and the
+    name=value lines of the actions' setup step."""
     outputs, lines = {}, path.read_text().splitlines() if path.exists() else []
     index = 0
     while index < len(lines):
+        if "<<" not in lines[index]:
+            name, _, outputs[name] = lines[index].partition("=")
+            index += 1
+            continue
         name, delimiter = lines[index].split("<<", 1)
         end = lines.index(delimiter, index + 1)
         outputs[name] = "\n".join(lines[index + 1:end])
