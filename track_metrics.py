@@ -787,6 +787,7 @@ class ActionParameters:
     conditional_writes: bool = True
     on_corrupt: str = "fail"
     backup: bool = True
+    backup_every: float = 24.0  # hours between .bak refreshes (0: every upload)
     new_history: bool = False  # a missing key beside its backups starts a new history only when asked
     pass_env: tuple[str, ...] = ()  # credential variables the metric commands may see, by name
     integrity: str = "auto"  # auto (the trust chain) | full | quick
@@ -916,6 +917,7 @@ NUMERIC_PARAMETERS = (
     ("timeout", "timeout", 300.0, 1, 86400, float),
     ("jobs", "jobs", 1, 1, 64, int),
     ("max_conflict_retries", None, 10, 0, 100, int),
+    ("backup_every", "backup-every", 24.0, 0, 87600, float),
 )
 
 
@@ -1529,6 +1531,7 @@ class S3Storage:
         self._etag_mismatch: str | None = None  # SHA-256 of a download its ETag did not match
         self.landed = False  # the storage accepted this run's upload
         self.conditions: Conditions | None = None  # learn_conditions: once per run
+        self.versioning: str | None = None  # keeps_versions: "enabled" or "off"
 
     def _call(self, action: str, method: str, key: str, **request: Any) -> tuple[int, dict, bytes]:
         self.console.debug(f"  {action} s3://{self.bucket}/{key}")
@@ -1647,6 +1650,8 @@ class S3Storage:
             headers["x-amz-meta-checked"] = checked
         if history:  # builds kept and pruned: what a backup must never lose (see backup)
             headers["x-amz-meta-history"] = str(history)
+        if self.versioning or (previous and previous.metadata.get("versioning")):  # keeps_versions' verdict
+            headers["x-amz-meta-versioning"] = self.versioning or previous.metadata["versioning"]
         conditional = self.params.conditional_writes
         if conditional:
             conditions = self.learn_conditions(previous)
@@ -1767,17 +1772,48 @@ class S3Storage:
                              "copying again from the newer object")
         raise Conflict("the copy's source changed")
 
-    def backup(self, previous: DatabaseFile) -> None:
-        """Keep the version about to be replaced as `<key>.bak`, unless the backup holds a longer
-        history (builds kept plus builds pruned, which only grows) than it: then the backup is a
-        history that was lost or restarted (--new-history), and the last copy of it stays."""
-        kept = object_metadata(self.stat(self.key + ".bak") or {}).get("history", "")
-        current = previous.metadata.get("history", "")
+    def backup(self, previous: DatabaseFile, destructive: bool = False) -> None:
+        """Keep the version about to be replaced as `<key>.bak` when the backup is older than
+        --backup-every hours (or the change removes history), unless the bucket keeps versions
+        (they are the backups) or the backup holds a longer history (builds kept plus builds
+        pruned, which only grows) than the object: then the backup is a history that was lost
+        or restarted (--new-history), and the last copy of it stays."""
+        head = self.stat(self.key + ".bak")
+        kept, current = object_metadata(head or {}).get("history", ""), previous.metadata.get("history", "")
         if kept.isdigit() and current.isdigit() and int(kept) > int(current):
             self.console.warning(f"{self.location}.bak holds a longer history ({kept} builds, with the "
                                  f"pruned ones) than the object ({current}): it is kept, not overwritten")
             return
-        self.copy(previous, self.key + ".bak")
+        modified = iso_from_http_date((head or {}).get("last-modified", ""))
+        age = (now_utc() - dt.datetime.fromisoformat(modified)).total_seconds() / 3600 if modified else None
+        if age is not None and age < self.params.backup_every and not destructive:
+            self.console.debug(f"  backup: {self.key}.bak is {age:.1f} h old (refreshed every "
+                               f"{self.params.backup_every:g} h)")
+        elif not self.keeps_versions(previous):
+            self.copy(previous, self.key + ".bak")
+
+    def keeps_versions(self, previous: DatabaseFile) -> bool:
+        """Whether the bucket keeps older versions: asked once (GetBucketVersioning; refused
+        counts as no), then stamped on the object like the conditional-write verdict."""
+        if self.versioning is None:
+            self.versioning = previous.metadata.get("versioning")
+        if self.versioning is None:
+            try:
+                body = self._call("GetBucketVersioning", "GET", "", query="versioning")[2]
+                self.versioning = "enabled" if b"<Status>Enabled</Status>" in body else "off"
+            except TrackMetricsError as exc:
+                self.console.debug(f"  backup: bucket versioning unknown ({exc.code}): keeping .bak")
+                self.versioning = "off"
+        return self.versioning == "enabled"
+
+    def backup_policy(self) -> str:
+        """What `check` says of the backups."""
+        if not self.params.backup:
+            return "none (--no-backup)"
+        if self.keeps_versions(DatabaseFile(self.key, 0, None, None, None, "", self.location, {})):
+            return "bucket versioning is on: older versions are the backups (no .bak copy)"
+        return (f"{self.key}.bak, refreshed when older than {self.params.backup_every:g} h and before every "
+                "prune; turn on bucket versioning to keep every version instead")
 
     @property
     def host(self) -> str:
@@ -2028,7 +2064,7 @@ class LocalStorage:
         self.landed = True
         return UploadResult(self.key, sha256, None, size, iso(dt.datetime.now(dt.timezone.utc)), sha256)
 
-    def backup(self, previous: DatabaseFile) -> None:
+    def backup(self, previous: DatabaseFile, destructive: bool = False) -> None:
         """Local files are the user's own; no backup copy is made."""
 
 
@@ -2231,7 +2267,7 @@ class ArtifactStorage:
         self.landed = True
         return UploadResult(self.key, None, None, size, iso(dt.datetime.now(dt.timezone.utc)), sha256)
 
-    def backup(self, previous: DatabaseFile) -> None:
+    def backup(self, previous: DatabaseFile, destructive: bool = False) -> None:
         """Older artifacts are the backups (until they expire)."""
 
 
@@ -5340,6 +5376,7 @@ class Change:
     backups, the stamp and cleanup are the update path's, alike for every change."""
     dry_run = False
     vacuum = False
+    destructive = False  # removes history: the backup is refreshed first, whatever its age
     changed = True  # set by apply: False when the base needs no new version (nothing is uploaded)
     said = ""  # what it did (or, dry, would do), for the run's last line
     rerun = "re-run the same command (what it adds is recorded once)"
@@ -5428,6 +5465,8 @@ class ImportChange(Change):
 
 class PruneChange(Change):
     """`prune`: the builds a retention policy removes, planned again on every attempt's base."""
+
+    destructive = True
 
     def __init__(self, request: PruneRequest):
         self.request, self.dry_run, self.vacuum = request, request.dry_run, request.vacuum
@@ -5903,7 +5942,7 @@ class TrackingRun:
                         break
                     sha256, md5, size = prepared
                     if self.params.backup and self.backup_allowed:
-                        self.storage.backup(self.expected)
+                        self.storage.backup(self.expected, self.change.destructive)
                     uploaded = self.storage.store(self.working, self.expected, sha256, md5, size,
                                                   self.generation, self.successor_holds_change,
                                                   "integrity" if self.trusted else "quick", self.history)
@@ -6110,6 +6149,7 @@ def diagnose(storage: S3Storage) -> list[tuple[str, str, str]]:
             return fail(names[stage], error.message)
     rows.extend((name, "ok", "") for name in names[:4])
     rows.append(("bucket region", "ok", bucket_region(storage)))
+    rows.append(("backups", "ok", storage.backup_policy()))
     try:
         etag = storage.put_probe()
     except TrackMetricsError as exc:
@@ -6224,6 +6264,8 @@ def build_parser() -> argparse.ArgumentParser:
         (("--max-conflict-retries",), {"metavar": "N", "help": "re-applications after a concurrent upload (default: 10)"}),
         (("--on-corrupt",), {"help": "fail (default), restore (from the newest valid backup) or recreate"}),
         (("--no-backup",), {**flag, "help": "do not keep <key>.bak before overwriting"}),
+        (("--backup-every",), {"metavar": "HOURS", "help": "refresh <key>.bak when it is older than this "
+                                                           "(default: 24; 0: every upload; always before a prune)"}),
         (("--new-history",), {**flag, "help": "start a new history although the key's backups (.bak, older "
                                               "versions) exist: its database was deleted on purpose"}),
         (("--fail-on-missing",), {**flag, "help": "exit 1 when any metric recorded no value"}))

@@ -13,7 +13,9 @@ def test_check_passes_on_a_good_setup_and_leaves_nothing(run_cli, s3_server, buc
     result = run_cli("check", *run_cli.s3_args(), "--json")
     assert result.returncode == 0, result.output
     assert set(statuses(result).values()) == {"ok"}
-    assert len(result.json()) == 9  # where the credentials came from, seven checks and the bucket region
+    assert len(result.json()) == 10  # the credentials' source, seven checks, the bucket region, the backups
+    backups = next(row for row in result.json() if row["check"] == "backups")["advice"]
+    assert ".bak, refreshed when older than 24 h and before every prune" in backups
     assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
     table = run_cli("check", *run_cli.s3_args())
     assert "conditional writes honoured" in table.stdout and "ok" in table.stdout
@@ -80,3 +82,10 @@ def test_a_provider_refusing_the_right_precondition_fails_check_and_the_run(run_
     assert run.returncode == 1, run.output
     assert run.json()["error"]["code"] == "S3_CONDITIONAL_WRITES_UNSUPPORTED"
     assert s3_server.client().list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_check_says_a_versioned_bucket_keeps_no_bak(run_cli, s3_server, bucket):
+    s3_server.client().put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    result = run_cli("check", *run_cli.s3_args(), "--json")
+    backups = next(row for row in result.json() if row["check"] == "backups")["advice"]
+    assert "bucket versioning is on: older versions are the backups" in backups

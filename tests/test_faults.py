@@ -226,8 +226,13 @@ def test_the_conditional_write_probe_runs_once_per_endpoint(run_cli, proxy, s3_s
     proxy.clear()
     assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
     assert proxy.requests("PUT", r"\.probe-") == []
-    # get, the backup's history (HEAD), backup copy, put, verify
-    assert [s.method for s in proxy.log] == ["GET", "HEAD", "PUT", "PUT", "HEAD"]
+    # get, the backup's age and history (HEAD), bucket versioning (asked once), backup copy, put, verify
+    assert [s.method for s in proxy.log] == ["GET", "HEAD", "GET", "PUT", "PUT", "HEAD"]
+    assert proxy.requests("GET", r"\?versioning") and proxy.requests("PUT", r"\.bak$")
+    proxy.clear()
+    assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+    # the .bak is younger than a day and the versioning verdict is stamped: get, HEAD, put, verify
+    assert [s.method for s in proxy.log] == ["GET", "HEAD", "PUT", "HEAD"]
 
 
 def test_a_probe_that_cannot_be_deleted_is_a_warning_not_a_failure(run_cli, proxy, s3_server, bucket, tmp_path):

@@ -138,15 +138,15 @@ def test_a_deleted_key_beside_its_backup_is_not_a_first_run(run_cli, s3_server, 
 
 def test_a_backup_is_never_overwritten_by_a_shorter_history(run_cli, s3_server, bucket, tmp_path):
     """Starting over on purpose (--new-history) beside a backup: the backup of the old history
-    stays the last copy of it, run after run."""
+    stays the last copy of it, run after run (backups refreshed on every upload)."""
     config = write_config(tmp_path, SIMPLE_METRICS)
     for _ in range(4):
-        assert run_cli.track(config).returncode == 0
+        assert run_cli.track(config, "--backup-every", "0").returncode == 0
     backup = get_object(s3_server, bucket, "unentropy-metrics.db.bak")  # 3 builds
     s3_server.client().delete_object(Bucket=bucket, Key="unentropy-metrics.db")
-    assert run_cli.track(config, "--new-history").returncode == 0
+    assert run_cli.track(config, "--new-history", "--backup-every", "0").returncode == 0
     for _ in range(2):
-        result = run_cli.track(config)
+        result = run_cli.track(config, "--backup-every", "0")
         assert result.returncode == 0, result.output
         assert "holds a longer history" in result.stderr
     assert get_object(s3_server, bucket, "unentropy-metrics.db.bak") == backup

@@ -111,8 +111,8 @@ def damage_index(data: bytes, tmp_path: Path, index: str = "idx_build_branch") -
 def test_damage_keeps_the_object_aside_and_carries_every_readable_build_over(
         run_cli, s3_server, bucket, tmp_path, mode):
     config = write_config(tmp_path, SIMPLE_METRICS)
-    for _ in range(3):  # the .bak is then one upload behind: 2 builds
-        assert run_cli.track(config).returncode == 0
+    for _ in range(3):  # the .bak, refreshed on every upload, is then one upload behind: 2 builds
+        assert run_cli.track(config, "--backup-every", "0").returncode == 0
     bad = damage_index(get_object(s3_server, bucket), tmp_path)
     put_foreign(s3_server, bucket, bad)
     result = run_cli.track(config, "--json", "--on-corrupt", mode)
@@ -236,21 +236,24 @@ def test_a_flipped_bit_in_a_stored_value_is_caught_by_the_etag(run_cli, proxy, s
 # -- 6. the backup never rolls back ---------------------------------------------------------------
 
 def test_a_slow_run_never_copies_an_older_version_over_a_newer_backup(run_cli, proxy, s3_server, bucket, tmp_path):
+    """Backups refreshed on every upload (--backup-every 0), in a bucket whose versions the test
+    reads but the tool is not told of (GetBucketVersioning refused): it keeps a .bak there."""
     client = s3_server.client()
     client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    proxy.add(Rule("GET", r"\?versioning", "status", count=-1, status=403, code="AccessDenied"))
     config = write_config(tmp_path, SIMPLE_METRICS)
     for _ in range(2):
-        assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+        assert run_cli.track(config, "--backup-every", "0", endpoint=proxy.endpoint).returncode == 0
     marker = tmp_path / "slow-started"
     (tmp_path / "slow").mkdir()
     slow = write_config(tmp_path / "slow", {"slow": {"type": "numeric",
                                                      "command": f"touch {marker}; sleep 3; echo 1"}})
-    process = start(run_cli, slow, proxy.endpoint)
+    process = start(run_cli, slow, proxy.endpoint, "--backup-every", "0")
     deadline = time.monotonic() + 30
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     for _ in range(2):  # two runs land while the slow one collects
-        assert run_cli.track(config, endpoint=proxy.endpoint).returncode == 0
+        assert run_cli.track(config, "--backup-every", "0", endpoint=proxy.endpoint).returncode == 0
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     versions = client.list_object_versions(Bucket=bucket, Prefix="unentropy-metrics.db.bak")["Versions"]
