@@ -1789,14 +1789,13 @@ class S3Storage:
         if age is not None and age < self.params.backup_every and not destructive:
             self.console.debug(f"  backup: {self.key}.bak is {age:.1f} h old (refreshed every "
                                f"{self.params.backup_every:g} h)")
-        elif not self.keeps_versions(previous):
+        elif not self.keeps_versions(previous.metadata.get("versioning")):
             self.copy(previous, self.key + ".bak")
 
-    def keeps_versions(self, previous: DatabaseFile) -> bool:
-        """Whether the bucket keeps older versions: asked once (GetBucketVersioning; refused
-        counts as no), then stamped on the object like the conditional-write verdict."""
-        if self.versioning is None:
-            self.versioning = previous.metadata.get("versioning")
+    def keeps_versions(self, stamped: str | None = None) -> bool:
+        """Whether the bucket keeps older versions: the object's stamp, else asked once
+        (GetBucketVersioning; refused counts as no) and stamped like the conditional-write verdict."""
+        self.versioning = self.versioning or stamped
         if self.versioning is None:
             try:
                 body = self._call("GetBucketVersioning", "GET", "", query="versioning")[2]
@@ -1810,7 +1809,7 @@ class S3Storage:
         """What `check` says of the backups."""
         if not self.params.backup:
             return "none (--no-backup)"
-        if self.keeps_versions(DatabaseFile(self.key, 0, None, None, None, "", self.location, {})):
+        if self.keeps_versions():
             return "bucket versioning is on: older versions are the backups (no .bak copy)"
         return (f"{self.key}.bak, refreshed when older than {self.params.backup_every:g} h and before every "
                 "prune; turn on bucket versioning to keep every version instead")
