@@ -2011,12 +2011,25 @@ class LocalStorage:
             return None
         return "+".join(file_digests(path)[0] for path in [self.path, *self.sidecars()])
 
+    def readable_in_place(self) -> bool:
+        """Whether a reader may read the file itself, read-only: nothing beside it to apply and
+        not in WAL mode (whose readers leave files beside it)."""
+        try:
+            with open(self.path, "rb") as handle:
+                return handle.read(20)[18:20] != b"\x02\x02" and not self.sidecars()
+        except OSError:
+            return False
+
     def fetch(self, dest: Path) -> DatabaseFile | None:
         """A copy of the database as SQLite reads it: a crashed writer's hot journal rolled back,
-        a WAL's commits applied (a plain copy of the file would take neither)."""
+        a WAL's commits applied (a plain copy of the file would take neither); with `dest` the
+        file itself (a reader's, when readable_in_place), nothing is copied or hashed."""
         if not self.path.exists():
             return None
         try:
+            modified = iso(dt.datetime.fromtimestamp(self.path.stat().st_mtime, dt.timezone.utc))
+            if dest == self.path:
+                return DatabaseFile(self.key, self.path.stat().st_size, modified, None, None, "", self.location)
             if self.sidecars():
                 self.read_through_sqlite(dest)
             else:
@@ -2024,8 +2037,7 @@ class LocalStorage:
         except OSError as exc:
             raise TrackMetricsError("LOCAL_IO_FAILED", f"cannot read {self.location}: {exc.strerror or exc}") from exc
         sha256, _, size = file_digests(dest)
-        modified = dt.datetime.fromtimestamp(self.path.stat().st_mtime, dt.timezone.utc)
-        return DatabaseFile(self.key, size, iso(modified), self.fingerprint(), None, sha256, self.location)
+        return DatabaseFile(self.key, size, modified, self.fingerprint(), None, sha256, self.location)
 
     def read_through_sqlite(self, dest: Path) -> None:
         dest.unlink(missing_ok=True)
@@ -2331,6 +2343,11 @@ SCHEMA_DDL = (
     size INTEGER NOT NULL, metric_id TEXT NOT NULL, block INTEGER NOT NULL, n INTEGER NOT NULL,
     lo REAL NOT NULL, lo_build INTEGER NOT NULL, hi REAL NOT NULL, hi_build INTEGER NOT NULL,
     PRIMARY KEY (size, metric_id, block)) WITHOUT ROWID""",
+    # Each label metric's trend values in (time, id) order, cut where the value changes: a label
+    # card reads its changes, not every value (see refresh_labels).
+    """CREATE TABLE IF NOT EXISTS track_metrics_labels (
+    metric_id TEXT NOT NULL, run INTEGER NOT NULL, value TEXT NOT NULL, first_build INTEGER NOT NULL,
+    last_build INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (metric_id, run)) WITHOUT ROWID""",
     PRUNED_DDL,
     SAMPLES_DDL,
 )
@@ -2355,9 +2372,11 @@ def has_unique_key(connection: sqlite3.Connection, table: str, columns: Sequence
     return False
 
 
-def open_database(path: Path) -> sqlite3.Connection:
-    """Open an untrusted database file: no schema-defined functions, no extensions."""
-    connection = sqlite3.connect(str(path), isolation_level=None)
+def open_database(path: Path, read_only: bool = False) -> sqlite3.Connection:
+    """Open an untrusted database file: no schema-defined functions, no extensions; a reader's
+    `read_only`, through SQLite's own read-only mode (it may be the user's own file)."""
+    connection = sqlite3.connect(path.resolve().as_uri() + "?mode=ro" if read_only else str(path),
+                                 isolation_level=None, uri=read_only)
     connection.execute("PRAGMA trusted_schema=OFF")
     connection.execute("PRAGMA cell_size_check=ON")
     return connection
@@ -2379,7 +2398,7 @@ def check_database(path: Path, integrity: str = "full") -> None:
         raise TrackMetricsError("DB_NOT_SQLITE", "the database object is not a SQLite file (its "
                                 f"first 16 bytes are not 'SQLite format 3'); {UNTOUCHED}")
     pragma = CHECKS[integrity]
-    connection = open_database(path)
+    connection = open_database(path, read_only=True)
     try:
         rows = [row[0] for row in connection.execute(f"PRAGMA {pragma}(20)")] if pragma else ["ok"]
         if rows != ["ok"]:
@@ -2567,7 +2586,7 @@ def merge_salvage(connection: sqlite3.Connection, definitions: list, builds: lis
 
 def pruned_builds(path: Path) -> list[tuple[str, str]]:
     """The (commit, run id) pairs a database's prunes removed (none in a foreign one)."""
-    connection = open_database(path)
+    connection = open_database(path, read_only=True)
     try:
         return connection.execute("SELECT commit_sha, run_id FROM track_metrics_pruned").fetchall()
     except sqlite3.OperationalError:
@@ -2589,8 +2608,8 @@ def forget_pruned(connection: sqlite3.Connection, pruned: Sequence[tuple[str, st
 
 
 def holds_build(path: Path, build: BuildContext, values: Mapping[str, Any]) -> bool:
-    """Whether a database file holds this build with these values (read-only)."""
-    connection = open_database(path)
+    """Whether a database file holds this build with these values."""
+    connection = open_database(path, read_only=True)
     try:
         row = connection.execute("SELECT id FROM build_contexts WHERE commit_sha = ? AND run_id = ?",
                                  (build.commit_sha, build.run_id)).fetchone()
@@ -2654,13 +2673,17 @@ def fold_values(rows: Iterator[tuple[str, int, float]], size: int) -> dict[tuple
 
 def watch_changes(connection: sqlite3.Connection) -> None:
     """Note, for this connection only (TEMP triggers live in memory, never in the file), which
-    smallest summary blocks a change touches."""
+    smallest summary blocks a change touches, and the builds it added values to (-1: it deleted
+    or changed a value)."""
     size = SUMMARY_SIZES[0]
     connection.execute("CREATE TEMP TABLE IF NOT EXISTS touched (block INTEGER PRIMARY KEY)")
+    connection.execute("CREATE TEMP TABLE IF NOT EXISTS appended (build INTEGER PRIMARY KEY)")
     for event, rows in (("INSERT", ("new",)), ("DELETE", ("old",)), ("UPDATE", ("old", "new"))):
+        build = "new.build_id" if event == "INSERT" else "-1"
         actions = "".join(  # not OR IGNORE: an upsert's own conflict clause would override it
             f"INSERT INTO touched SELECT CAST({row}.build_id AS INTEGER) / {size} WHERE NOT EXISTS (SELECT 1"
-            f" FROM touched WHERE block = CAST({row}.build_id AS INTEGER) / {size});" for row in rows)
+            f" FROM touched WHERE block = CAST({row}.build_id AS INTEGER) / {size});" for row in rows) + (
+            f"INSERT INTO appended SELECT {build} WHERE NOT EXISTS (SELECT 1 FROM appended WHERE build = {build});")
         connection.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS touched_{event.lower()} AFTER {event}"
                            f" ON main.metric_values BEGIN {actions} END")
 
@@ -2682,7 +2705,9 @@ def refresh_summary(connection: sqlite3.Connection, rebuild: bool) -> str:
         for below, size in zip((1, *SUMMARY_SIZES), SUMMARY_SIZES):
             for block in [None] if rebuild else sorted({number * base // size for number in touched}):
                 summarise_block(connection, size, below, block)
+        refresh_labels(connection, rebuild)
         connection.execute("DELETE FROM temp.touched")
+        connection.execute("DELETE FROM temp.appended")
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")
@@ -2711,6 +2736,41 @@ def summarise_block(connection: sqlite3.Connection, size: int, below: int, block
                        () if block is None else (block,))
 
 
+LABEL_VALUES = ("SELECT v.metric_id, v.value_label AS value, b.id, b.timestamp FROM metric_values v JOIN"
+                " build_contexts b ON b.id = v.build_id WHERE typeof(v.value_label) = 'text' AND b.event_name IN "
+                + TREND_SQL)
+LAST_RUN = "l.run = (SELECT MAX(run) FROM track_metrics_labels WHERE metric_id = l.metric_id)"
+
+
+def refresh_labels(connection: sqlite3.Connection, rebuild: bool) -> None:
+    """Keep each label metric's runs of equal values: values added after a metric's last run
+    (a tracking run's build) extend its runs; any other change rebuilds them, in SQLite."""
+    appended = f"{LABEL_VALUES} AND b.id IN (SELECT build FROM temp.appended)"
+    if not rebuild and not connection.execute(
+            "SELECT EXISTS (SELECT 1 FROM temp.appended WHERE build = -1) OR EXISTS (SELECT 1 FROM"
+            f" ({appended}) a JOIN track_metrics_labels l ON l.metric_id = a.metric_id AND {LAST_RUN}"
+            " JOIN build_contexts p ON p.id = l.last_build WHERE (a.timestamp, a.id) <= (p.timestamp, p.id))"
+            ).fetchone()[0]:
+        last = {row[0]: row[1:] for row in connection.execute(
+            f"SELECT l.metric_id, l.run, l.value FROM track_metrics_labels l WHERE {LAST_RUN}")}
+        for metric, value, build, _ in connection.execute(f"{appended} ORDER BY b.timestamp, b.id").fetchall():
+            run, previous = last.get(metric, (0, None))
+            if previous != value:
+                run, last[metric] = run + 1, (run + 1, value)
+                connection.execute("INSERT INTO track_metrics_labels VALUES (?, ?, ?, ?, ?, 0)",
+                                   (metric, run, value, build, build))
+            connection.execute("UPDATE track_metrics_labels SET last_build = ?, n = n + 1 WHERE metric_id = ?"
+                               " AND run = ?", (build, metric, run))
+        return
+    connection.execute("DELETE FROM track_metrics_labels")
+    connection.execute(  # a run starts where the value differs from the one before it, in time order
+        "INSERT INTO track_metrics_labels SELECT metric_id, run, value, MAX(CASE WHEN first THEN id END),"
+        " MAX(CASE WHEN final THEN id END), COUNT(*) FROM (SELECT *, SUM(first) OVER (PARTITION BY metric_id"
+        " ORDER BY timestamp, id ROWS UNBOUNDED PRECEDING) AS run, LEAD(first, 1, 1) OVER (PARTITION BY"
+        " metric_id ORDER BY timestamp, id) AS final FROM (SELECT *, value IS NOT LAG(value) OVER (PARTITION"
+        f" BY metric_id ORDER BY timestamp, id) AS first FROM ({LABEL_VALUES}))) GROUP BY metric_id, run")
+
+
 def summary_seal(path: Path, connection: sqlite3.Connection, commits: int = 0) -> str:
     """What the summary was made for: the file's change counter (SQLite increments it at every
     committed write in rollback-journal mode, by anyone), its newest value's id, its build count."""
@@ -2721,7 +2781,22 @@ def summary_seal(path: Path, connection: sqlite3.Connection, commits: int = 0) -
     counter = (int.from_bytes(header[24:28], "big") + commits) % 2 ** 32
     last, builds = connection.execute("SELECT (SELECT MAX(id) FROM metric_values),"
                                       " (SELECT COUNT(*) FROM build_contexts)").fetchone()
-    return f"2 {counter} {last} {builds}"  # 2: the summary of trend builds only
+    return f"3 {counter} {last} {builds}"  # 3: trend builds only, with the labels' runs
+
+
+def summary_sealed(path: Path) -> bool:
+    """Whether this tool's last change sealed the file's summary (nobody has written it since)."""
+    connection = open_database(path, read_only=True)
+    try:
+        return summary_trusted(path, connection)
+    finally:
+        connection.close()
+
+
+def unreadable(exc: sqlite3.DatabaseError) -> TrackMetricsError:
+    """A damaged page that the checks before reading did not scan, met while reading."""
+    return TrackMetricsError("DB_CORRUPT", f"SQLite cannot read the database: {exc} (`--integrity full` "
+                             "checks every page before reading); nothing was changed")
 
 
 def summary_trusted(path: Path, connection: sqlite3.Connection) -> bool:
@@ -2754,7 +2829,7 @@ def build_summary(path: Path) -> None:
 
 
 def count_builds(path: Path) -> int:
-    connection = open_database(path)
+    connection = open_database(path, read_only=True)
     try:
         return connection.execute("SELECT COUNT(*) FROM build_contexts").fetchone()[0]
     except sqlite3.OperationalError:
@@ -3690,12 +3765,20 @@ def read_history(path: Path, connection: sqlite3.Connection, configured: Sequenc
             in_time_order = (  # CROSS JOIN: walk the index on (timestamp, id), find each build's value by key
                 f"SELECT b.id, v.{column} FROM build_contexts b CROSS JOIN metric_values v ON v.metric_id = ?"
                 f" AND v.build_id = b.id WHERE typeof(v.{column}) IN ({types}){filter_sql} ORDER BY b.timestamp")
-            if kind != "numeric":  # labels: every value, in time order, for the changes
-                label_changes(item, connection.execute(f"{in_time_order}, b.id", (metric_id, *filter_arguments)))
-                yield item
-                continue
             item.last_two = connection.execute(f"{in_time_order} DESC, b.id DESC LIMIT 2",
                                                (metric_id, *filter_arguments)).fetchall()[::-1]
+            if kind != "numeric":  # labels: their runs of equal values, or every value in time order
+                if summarised:
+                    item.count, item.change_count = connection.execute(
+                        "SELECT COALESCE(SUM(n), 0), COUNT(*) FROM track_metrics_labels WHERE metric_id = ?",
+                        (metric_id,)).fetchone()
+                    item.changes = connection.execute(
+                        "SELECT first_build, value FROM track_metrics_labels WHERE metric_id = ? ORDER BY run"
+                        " DESC LIMIT 10", (metric_id,)).fetchall()[::-1]
+                else:
+                    label_changes(item, connection.execute(f"{in_time_order}, b.id", (metric_id, *filter_arguments)))
+                yield item
+                continue
             if summarised and size:
                 blocks = connection.execute(
                     "SELECT n, lo, lo_build, hi, hi_build FROM track_metrics_summary WHERE size = ?"
@@ -3714,13 +3797,13 @@ def read_history(path: Path, connection: sqlite3.Connection, configured: Sequenc
 
 
 def label_changes(item: Series, points: Iterator[tuple[int, Any]]) -> None:
-    """A label metric from its (build, value) points in time order: the changes, the last two."""
+    """A label metric from its (build, value) points in time order: its count and changes."""
     changes: collections.deque = collections.deque(maxlen=10)
     for build_id, value in points:
-        if not item.count or value != item.last_two[-1][1]:
+        if not item.count or value != previous:
             changes.append((build_id, value))
             item.change_count += 1
-        item.last_two = [*item.last_two[-1:], (build_id, value)]
+        previous = value
         item.count += 1
     item.changes = list(changes)
 
@@ -4158,7 +4241,7 @@ def write_report(database: Path, report_dir: Path, configured: Sequence[MetricCo
                  secrets: Sequence[str], branch: str | None = None, mode: str = "auto",
                  sections: Sequence = ()) -> tuple[Path, str]:
     """Write `<report_dir>/index.html` atomically; return its path and the job summary."""
-    connection = open_database(database)
+    connection = open_database(database, read_only=True)
     try:
         builds, series, cells = read_history(database, connection, configured, branch)
         document, rows = render_report(builds, series, cells, now_utc(), title, branch, mode, sections)
@@ -4886,7 +4969,7 @@ def gate_command(args: argparse.Namespace, environ: Mapping[str, str], console: 
                     if settings.mode == "hard" and exc.code not in ("S3_ACCESS_DENIED", "S3_AUTH_FAILED"):
                         raise
                     note = f"No baseline: the database could not be read ({exc.code}: {exc.message})"
-            connection = open_database(path) if path else None
+            connection = open_database(path, read_only=True) if path else None
             values = gate_values(settings, params, config, console, environ)
             gate = config.quality_gate or {}
             baseline = Baseline(connection, settings.branch, params.workdir, environ,
@@ -5338,7 +5421,7 @@ def backfill_command(args: argparse.Namespace, params: "ActionParameters", confi
         stored = read_database(params, console, environ, workspace, args.trend_branch)
         known = set()
         if stored:
-            connection = open_database(stored)
+            connection = open_database(stored, read_only=True)
             known = {row[0] for row in connection.execute("SELECT DISTINCT commit_sha FROM build_contexts")}
             connection.close()
         commits = [c for c in backfill_commits(root, args.since, args.last, args.every) if c not in known]
@@ -5662,6 +5745,7 @@ class TrackingRun:
         self.storage: S3Storage | LocalStorage | ArtifactStorage | None = None
         self.expected: DatabaseFile | None = None  # the object the next upload must replace
         self.base: Path | None = None  # the database the change is applied to
+        self.downloaded = self.workspace / "downloaded.db"  # or a local file a reader reads in place
         self.change = change  # None: only read (report)
         self.trusted = True  # the base was checked in full (or vouched for): the chain holds
         self.working = self.workspace / "working.db"
@@ -5740,8 +5824,8 @@ class TrackingRun:
             else:
                 phase.metadata.update(size=self.expected.size, sha256=self.expected.sha256,
                                       etag=self.expected.etag)
-                self.console.info(f"download: {self.storage.location}: {self.expected.size:,} bytes, "
-                                  f"sha256 {self.expected.sha256[:12]}…")
+                self.console.info(f"download: {self.storage.location}: {self.expected.size:,} bytes, " + (
+                    f"sha256 {self.expected.sha256[:12]}…" if self.expected.sha256 else "read in place"))
             if self.writing:
                 self.check_conditional_writes(phase)
 
@@ -5788,8 +5872,10 @@ class TrackingRun:
                 "is meant, pass --new-history (input new-history)")
 
     def fetch_expected(self) -> None:
-        """(Re)download the object the next upload must replace."""
-        self.expected = self.storage.fetch(self.workspace / "downloaded.db")
+        """(Re)download the object the next upload must replace; a reader reads a local file in place."""
+        in_place = self.change is None and isinstance(self.storage, LocalStorage) and self.storage.readable_in_place()
+        self.downloaded = self.storage.path if in_place else self.workspace / "downloaded.db"
+        self.expected = self.storage.fetch(self.downloaded)
         if self.expected and self.writing and isinstance(self.storage, S3Storage) \
                 and self.params.conditional_writes:
             require_etag(self.expected)  # before anything, a backup copy included, is written
@@ -5808,7 +5894,7 @@ class TrackingRun:
         with self.phase("validate") as phase:
             for attempt in range(self.params.max_conflict_retries + 1):
                 try:
-                    self.base = self.load_base(self.workspace / "downloaded.db")
+                    self.base = self.load_base(self.downloaded)
                     break
                 except Conflict:  # the object changed while this run was setting it aside
                     self.conflict_pause(attempt, "validate: the object changed while it was being "
@@ -5864,11 +5950,14 @@ class TrackingRun:
 
     def download_check(self) -> str:
         """The download's check: the bytes this tool checked and uploaded (vouched for by their
-        SHA-256, which the download verified) need the header and schema only; any other
-        object a full integrity_check before a change, a quick_check before a report."""
+        SHA-256, which the download verified) need the header and schema only, as does, for a
+        reader, a file whose summary this tool's last change sealed; any other object a full
+        integrity_check before a change, a quick_check before a report."""
         if self.params.integrity in ("full", "quick"):
             return self.params.integrity
-        return "schema" if self.vouched() else "quick" if self.change is None else "full"
+        if self.vouched() or (self.change is None and summary_sealed(self.downloaded)):
+            return "schema"
+        return "quick" if self.change is None else "full"
 
     def damage(self, downloaded: Path) -> TrackMetricsError | None:
         """Why the downloaded object is damaged, confirmed by downloading it again; None when
@@ -5878,8 +5967,9 @@ class TrackingRun:
                 level = self.download_check()
                 check_database(downloaded, level)
                 self.trusted = level == "full" or self.vouched()
-                self.console.debug(f"  validate: {CHECKS[level] or 'header and schema'}"
-                                   f"{' (vouched by its SHA-256)' if self.vouched() and level != 'full' else ''}")
+                self.console.debug(f"  validate: {CHECKS[level] or 'header and schema'}" + (
+                    "" if level != "schema" else " (vouched by its SHA-256)" if self.vouched()
+                    else " (its summary sealed by this tool)"))
                 return None
             except TrackMetricsError as exc:
                 if exc.code not in ("DB_NOT_SQLITE", "DB_CORRUPT") or not isinstance(self.storage, S3Storage):
@@ -5935,7 +6025,7 @@ class TrackingRun:
                 try:
                     if attempt:
                         self.fetch_expected()
-                        self.base = self.load_base(self.workspace / "downloaded.db")
+                        self.base = self.load_base(self.downloaded)
                     prepared = self.apply_build()
                     if prepared is None:
                         break
@@ -6026,6 +6116,8 @@ class TrackingRun:
                     with open(summary_path, "a", encoding="utf-8") as handle:
                         handle.write(self.console.redact(summary))
             except (OSError, sqlite3.Error, ValueError) as exc:
+                if type(exc) is sqlite3.DatabaseError:
+                    raise unreadable(exc) from exc
                 raise TrackMetricsError("REPORT_FAILED", f"the report could not be written "
                                         f"({type(exc).__name__}: {exc}); the database is safe",
                                         type="report") from exc
@@ -6103,6 +6195,8 @@ def read_database(params: ActionParameters, console: Console, environ: Mapping[s
         reader.download()
         reader.validate()
         target = workspace / "stored.db"
+        if not reader.base.is_relative_to(reader.workspace):  # read in place: the user's own file
+            return reader.base
         os.replace(reader.base, target)
         return target
     except TrackMetricsError as exc:
@@ -6423,7 +6517,7 @@ def export_command(args: argparse.Namespace, params: ActionParameters, console: 
         path = read_database(params, console, environ, workspace, params.artifact_branch or "main")
         if path is None:
             raise TrackMetricsError("DB_NOT_FOUND", f"{params.location} does not exist: nothing to export")
-        connection = open_database(path)
+        connection = open_database(path, read_only=True)
         try:
             lines = export_history(connection, args.format, args.metric, args.branch, args.since)
             if args.output:
@@ -6580,7 +6674,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                                              + ", ".join(result.metrics_failed), False)
         elif result.error:
             console.error(f"[{result.error.code}] {result.error.message}")
-    except (TrackMetricsError, Cancelled) as exc:
+    except (TrackMetricsError, Cancelled, sqlite3.DatabaseError) as exc:
+        if isinstance(exc, sqlite3.DatabaseError):
+            if type(exc) is not sqlite3.DatabaseError:
+                raise
+            exc = unreadable(exc)
         for secret in getattr(exc, "secrets", ()):
             console.add_secret(secret)
         result.error = WorkflowError.from_exception(exc)

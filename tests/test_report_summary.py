@@ -92,6 +92,8 @@ def check_against_the_slow_way(database, tmp_path, expect_summary: bool = True) 
         connection.close()
         tm.build_summary(copy)
         assert summary_rows(copy) == summary_rows(database) and summary_rows(database)
+        labels = "SELECT * FROM track_metrics_labels ORDER BY metric_id, run"
+        assert file_rows(copy, labels) == file_rows(database, labels) and file_rows(database, labels)
     connection = sqlite3.connect(database)
     for metric_id, points in drawn.items():
         values = dict(connection.execute(

@@ -76,3 +76,57 @@ def test_a_report_reads_with_the_checks_that_matter_for_reading(run_local, tmp_p
     assert run_local("report", "--local-db", str(database)).returncode == 0  # header, quick_check, schema
     strict = run_local("report", "--local-db", str(database), "--integrity", "full", "--json")
     assert strict.returncode == 1 and strict.json()["error"]["code"] == "DB_CORRUPT"
+
+
+def damage_a_page(database: Path, table: str) -> None:
+    """Garbage for the b-tree page type of one table's root page: SQLite calls the file malformed
+    when a query reads that table, and only then."""
+    connection = sqlite3.connect(database)
+    root = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+    page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+    connection.close()
+    with open(database, "r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(b"\xff")
+
+
+def test_a_report_reads_a_sealed_local_file_in_place_without_a_page_scan(run_local, tmp_path):
+    database = tmp_path / "history" / "m.db"
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    for run in ("1", "2"):
+        result = run_local("--config", str(config), "--local-db", str(database), "--run-id", run, "--event", "push")
+        assert result.returncode == 0, result.output
+    before = (database.read_bytes(), database.stat().st_mtime_ns)
+    report = run_local("report", "--config", str(config), "--local-db", str(database), "--verbose")
+    assert report.returncode == 0, report.output
+    assert f"download: {database}: {len(before[0]):,} bytes, read in place" in report.stderr
+    assert "validate: header and schema (its summary sealed by this tool)" in report.stderr
+    assert (database.read_bytes(), database.stat().st_mtime_ns) == before  # read-only: not a byte, not a touch
+    assert sorted(p.name for p in database.parent.iterdir()) == ["m.db"]  # no journal, WAL or copy beside it
+    page = (tmp_path / "unentropy-report" / "index.html").read_text()
+    assert "1 change in 2 builds" in page and "<code>passing</code>" in page  # the label card, from its runs
+    for verb in (("export", "--format", "csv"), ("gate", "--quality-gate-mode", "soft")):
+        assert run_local(*verb, "--config", str(config), "--local-db", str(database)).returncode == 0
+
+    connection = sqlite3.connect(database)  # another tool's write breaks the seal: quick_check again
+    connection.execute("UPDATE build_contexts SET branch = 'main'")
+    connection.commit()
+    connection.close()
+    again = run_local("report", "--config", str(config), "--local-db", str(database), "--verbose")
+    assert again.returncode == 0 and "validate: quick_check" in again.stderr, again.output
+
+
+def test_a_damaged_page_in_a_sealed_local_file_is_db_corrupt_for_every_reader(run_local, tmp_path):
+    database = tmp_path / "m.db"
+    config = write_config(tmp_path, SIMPLE_METRICS)
+    assert run_local("--config", str(config), "--local-db", str(database), "--event", "push").returncode == 0
+    damage_a_page(database, "track_metrics_labels")  # read by the label card, not by the checks
+    report = run_local("report", "--config", str(config), "--local-db", str(database), "--json")
+    assert report.returncode == 1, report.output
+    assert report.json()["error"]["code"] == "DB_CORRUPT" and "Traceback" not in report.stderr
+    damage_a_page(database, "build_contexts")  # read by export too
+    export = run_local("export", "--config", str(config), "--local-db", str(database))
+    assert export.returncode == 1 and "[DB_CORRUPT]" in export.stderr and "Traceback" not in export.stderr
+    strict = run_local("report", "--config", str(config), "--local-db", str(database), "--integrity", "full", "--json")
+    assert strict.returncode == 1 and strict.json()["error"]["code"] == "DB_CORRUPT"
+    assert {p["name"]: p["status"] for p in strict.json()["phases"]}["validate"] == "failed"  # before reading

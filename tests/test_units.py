@@ -238,7 +238,6 @@ def test_label_changes_are_counted_in_time_order_and_the_last_ten_kept():
     label = tm.Series("s", "label", None, "s", None, "neutral")
     tm.label_changes(label, iter([(0, "a"), (1, "a"), (2, "b"), (3, "b"), (4, "a")]))
     assert (label.count, label.change_count, label.changes) == (5, 3, [(0, "a"), (2, "b"), (4, "a")])
-    assert label.last_two == [(3, "b"), (4, "a")]
     many = tm.Series("s", "label", None, "s", None, "neutral")
     tm.label_changes(many, iter((n, str(n // 2)) for n in range(100)))
     assert many.change_count == 50 and many.changes == [(n, str(n // 2)) for n in range(80, 100, 2)]
