@@ -2736,39 +2736,36 @@ def summarise_block(connection: sqlite3.Connection, size: int, below: int, block
                        () if block is None else (block,))
 
 
-LABEL_VALUES = ("SELECT v.metric_id, v.value_label AS value, b.id, b.timestamp FROM metric_values v JOIN"
-                " build_contexts b ON b.id = v.build_id WHERE typeof(v.value_label) = 'text' AND b.event_name IN "
-                + TREND_SQL)
 LAST_RUN = "l.run = (SELECT MAX(run) FROM track_metrics_labels WHERE metric_id = l.metric_id)"
 
 
 def refresh_labels(connection: sqlite3.Connection, rebuild: bool) -> None:
-    """Keep each label metric's runs of equal values: values added after a metric's last run
-    (a tracking run's build) extend its runs; any other change rebuilds them, in SQLite."""
-    appended = f"{LABEL_VALUES} AND b.id IN (SELECT build FROM temp.appended)"
-    if not rebuild and not connection.execute(
-            "SELECT EXISTS (SELECT 1 FROM temp.appended WHERE build = -1) OR EXISTS (SELECT 1 FROM"
-            f" ({appended}) a JOIN track_metrics_labels l ON l.metric_id = a.metric_id AND {LAST_RUN}"
-            " JOIN build_contexts p ON p.id = l.last_build WHERE (a.timestamp, a.id) <= (p.timestamp, p.id))"
-            ).fetchone()[0]:
-        last = {row[0]: row[1:] for row in connection.execute(
-            f"SELECT l.metric_id, l.run, l.value FROM track_metrics_labels l WHERE {LAST_RUN}")}
-        for metric, value, build, _ in connection.execute(f"{appended} ORDER BY b.timestamp, b.id").fetchall():
-            run, previous = last.get(metric, (0, None))
-            if previous != value:
-                run, last[metric] = run + 1, (run + 1, value)
-                connection.execute("INSERT INTO track_metrics_labels VALUES (?, ?, ?, ?, ?, 0)",
-                                   (metric, run, value, build, build))
-            connection.execute("UPDATE track_metrics_labels SET last_build = ?, n = n + 1 WHERE metric_id = ?"
-                               " AND run = ?", (build, metric, run))
-        return
-    connection.execute("DELETE FROM track_metrics_labels")
-    connection.execute(  # a run starts where the value differs from the one before it, in time order
-        "INSERT INTO track_metrics_labels SELECT metric_id, run, value, MAX(CASE WHEN first THEN id END),"
-        " MAX(CASE WHEN final THEN id END), COUNT(*) FROM (SELECT *, SUM(first) OVER (PARTITION BY metric_id"
-        " ORDER BY timestamp, id ROWS UNBOUNDED PRECEDING) AS run, LEAD(first, 1, 1) OVER (PARTITION BY"
-        " metric_id ORDER BY timestamp, id) AS final FROM (SELECT *, value IS NOT LAG(value) OVER (PARTITION"
-        f" BY metric_id ORDER BY timestamp, id) AS first FROM ({LABEL_VALUES}))) GROUP BY metric_id, run")
+    """Keep each label metric's runs of equal trend values in time order: values added after a
+    metric's last run (a tracking run's build) extend its runs; any other change rebuilds them
+    from every value (walking the (timestamp, id) index, one metric at a time)."""
+    values = ("SELECT v.metric_id, v.value_label, b.id, b.timestamp FROM build_contexts b CROSS JOIN metric_values v"
+              " ON v.build_id = b.id AND {} WHERE typeof(v.value_label) = 'text' AND b.event_name IN"
+              f" {TREND_SQL} ORDER BY b.timestamp, b.id")
+    appended = values.format("b.id IN (SELECT build FROM temp.appended)")
+    rebuild = rebuild or connection.execute(
+        "SELECT EXISTS (SELECT 1 FROM temp.appended WHERE build = -1) OR EXISTS (SELECT 1 FROM"
+        f" ({appended}) a JOIN track_metrics_labels l ON l.metric_id = a.metric_id AND {LAST_RUN}"
+        " JOIN build_contexts p ON p.id = l.last_build WHERE (a.timestamp, a.id) <= (p.timestamp, p.id))").fetchone()[0]
+    if rebuild:
+        connection.execute("DELETE FROM track_metrics_labels")
+    labels = [row[0] for row in connection.execute("SELECT id FROM metric_definitions WHERE type != 'numeric'")]
+    rows = itertools.chain.from_iterable(connection.execute(values.format("v.metric_id = ?"), (metric,))
+                                         for metric in labels) if rebuild else connection.execute(appended)
+    runs: dict[str, list] = {}  # metric → its runs to write: the stored last one, then new ones
+    stored = {row[0]: list(row) for row in connection.execute(f"SELECT * FROM track_metrics_labels l WHERE {LAST_RUN}")}
+    for metric, value, build, _ in rows:
+        chain = runs.setdefault(metric, [stored[metric]] if metric in stored else [])
+        if chain and chain[-1][2] == value:
+            chain[-1][4:] = [build, chain[-1][5] + 1]
+        else:
+            chain.append([metric, chain[-1][1] + 1 if chain else 1, value, build, build, 1])
+    connection.executemany("INSERT OR REPLACE INTO track_metrics_labels VALUES (?, ?, ?, ?, ?, ?)",
+                           [run for chain in runs.values() for run in chain])
 
 
 def summary_seal(path: Path, connection: sqlite3.Connection, commits: int = 0) -> str:

@@ -46,15 +46,14 @@ def previous_setup(work: Path, python: str) -> None:
                     f"botocore=={VERSION}"], check=True)
 
 
-def main() -> None:
-    rows = []
+def measured(runs: int = 3) -> list[tuple[str, float, str]]:
+    """(setup, median seconds over `runs`, goal) of each way the setup step goes."""
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(scratch)
         bare = python_without_botocore(base)  # has no pip of its own: the runner's python3 does
-        runner = sys.executable  # a python3 with pip; its botocore is hidden by installing elsewhere
         s3 = {"s3-bucket": "metrics", "storage-type": "s3"}
         cold, warm, none, before = [], [], [], []
-        for attempt in range(3):
+        for attempt in range(runs):
             work = base / f"run{attempt}"
             work.mkdir()
             write_config(work, SIMPLE_METRICS)
@@ -70,10 +69,14 @@ def main() -> None:
             before.append(timed(lambda: previous_setup(old, runner)))
             shutil.rmtree(work / "runner-temp")
     median = statistics.median
-    rows = [("artifact or local storage (no botocore needed)", median(none), "≤ 1 s"),
+    return [("artifact or local storage (no botocore needed)", median(none), "≤ 1 s"),
             ("S3, cold: pip install --target into RUNNER_TEMP", median(cold), "≤ 4 s"),
             ("S3, warm (the job's second run; a cache hit is the same plus the restore)", median(warm), "≤ 1 s"),
             ("S3, cold, the previous setup (venv + ensurepip + pip install)", median(before), "—")]
+
+
+def main() -> None:
+    rows = measured()
     print(f"The action's setup step, median of 3 (botocore {VERSION}, Python {sys.version.split()[0]})\n")
     print("| setup | seconds | goal |\n|---|---|---|")
     for name, seconds, goal in rows:

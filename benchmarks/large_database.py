@@ -31,27 +31,30 @@ from common import KEYS, TOOL, client, machine, measure, start_server, table, to
 START = dt.datetime(2020, 1, 1)
 
 
-def make_database(path: Path, mib: int) -> None:
-    """A metrics database of about `mib` MiB: many builds of 20 numeric metrics."""
+def make_database(path: Path, mib: int = 0, builds: int = 0, metrics: int = 20, labels: int = 0) -> None:
+    """A metrics database, as another tool writes it: `builds` builds, or as many as make about
+    `mib` MiB, of `metrics` metrics, the last `labels` of them labels."""
     import track_metrics
     connection = sqlite3.connect(path, isolation_level=None)
     track_metrics.ensure_schema(connection)
     connection.execute("BEGIN")
-    metrics = [f"metric-{i:02d}" for i in range(20)]
-    connection.executemany("INSERT INTO metric_definitions (id, type, unit) VALUES (?, 'numeric', 'integer')",
-                           [(m,) for m in metrics])
+    names = [(f"metric-{i:02d}", "label" if i >= metrics - labels else "numeric") for i in range(metrics)]
+    connection.executemany("INSERT INTO metric_definitions (id, type, unit) VALUES (?, ?, ?)",
+                           [(m, kind, "integer" if kind == "numeric" else None) for m, kind in names])
     build = 0
     while True:
-        for _ in range(5000):
+        for _ in range(min(5000, builds - build) if builds else 5000):
             build += 1
             connection.execute(
                 "INSERT INTO build_contexts (commit_sha, branch, run_id, run_number, event_name, timestamp)"
                 " VALUES (?, 'main', ?, ?, 'push', ?)",
                 (uuid.uuid4().hex + "00000000", str(build), build,
                  (START + dt.timedelta(minutes=10 * build)).strftime("%Y-%m-%dT%H:%M:%S.000Z")))
-            connection.executemany("INSERT INTO metric_values (metric_id, build_id, value_numeric) VALUES (?, ?, ?)",
-                                   [(m, build, build * 1.5 + i) for i, m in enumerate(metrics)])
-        if path.stat().st_size >= mib * 1024 * 1024:
+            connection.executemany(
+                "INSERT INTO metric_values (metric_id, build_id, value_numeric, value_label) VALUES (?, ?, ?, ?)",
+                [(m, build, build * 1.5 + i, None) if kind == "numeric" else
+                 (m, build, None, "failing" if build % 13 == 0 else "passing") for i, (m, kind) in enumerate(names)])
+        if (builds and build >= builds) or (not builds and path.stat().st_size >= mib * 1024 * 1024):
             break
     connection.execute("COMMIT")
     connection.close()
