@@ -2382,6 +2382,11 @@ def open_database(path: Path, read_only: bool = False) -> sqlite3.Connection:
     return connection
 
 
+def opened_database(path: Path, read_only: bool = False) -> contextlib.closing:
+    """open_database for a `with` block, which closes the connection."""
+    return contextlib.closing(open_database(path, read_only))
+
+
 UNTOUCHED = "the remote object was left untouched (see --on-corrupt)"
 
 
@@ -2641,12 +2646,14 @@ def bump_generation(connection: sqlite3.Connection) -> int:
 SUMMARY_SIZES = (16, 256)
 TREND_EVENTS = ("push", "import")  # the builds a report's trend and a gate's baseline are made of
 TREND_SQL = "('push', 'import')"
+# Whether any build is not a trend build, as ranges of the (event, time) index (NOT IN would scan it).
+OTHER_BUILDS = ("EXISTS (SELECT 1 FROM build_contexts WHERE event_name IS NULL OR event_name < 'import' OR"
+                " event_name > 'push' OR (event_name > 'import' AND event_name < 'push'))")
 # What a block is made of: numeric values (one build each) or the blocks of the size below —
 # table, key, count, lowest, highest, their builds, and which rows count.
 BLOCK_PARTS = {
     1: ("metric_values", "s.build_id", "1", "s.value_numeric", "s.value_numeric", "s.build_id", "s.build_id",
-        "typeof(s.build_id) = 'integer' AND s.build_id >= 0 AND typeof(s.value_numeric) IN ('integer', 'real')"
-        f" AND (SELECT event_name FROM build_contexts WHERE id = s.build_id) IN {TREND_SQL}"),
+        "typeof(s.build_id) = 'integer' AND s.build_id >= 0 AND typeof(s.value_numeric) IN ('integer', 'real')"),
     SUMMARY_SIZES[0]: ("track_metrics_summary", "s.block", "s.n", "s.lo", "s.hi", "s.lo_build", "s.hi_build",
                        f"s.size = {SUMMARY_SIZES[0]}"),
 }
@@ -2719,6 +2726,8 @@ def summarise_block(connection: sqlite3.Connection, size: int, below: int, block
     """Recompute one block of `size` builds (every block when `block` is None) from its parts:
     count, lowest and highest, then the oldest build holding each."""
     table, key, n, lo, hi, lo_build, hi_build, where = BLOCK_PARTS[below]
+    if below == 1 and connection.execute(f"SELECT {OTHER_BUILDS}").fetchone()[0]:  # values to leave out
+        where += f" AND (SELECT event_name FROM build_contexts WHERE id = s.build_id) IN {TREND_SQL}"
     ratio, outer = size // below, "track_metrics_summary"
     only = ("", "") if block is None else (f" AND {key} BETWEEN ? AND ?", f" AND {outer}.block = ?")
     if block is not None:
@@ -2783,11 +2792,8 @@ def summary_seal(path: Path, connection: sqlite3.Connection, commits: int = 0) -
 
 def summary_sealed(path: Path) -> bool:
     """Whether this tool's last change sealed the file's summary (nobody has written it since)."""
-    connection = open_database(path, read_only=True)
-    try:
+    with opened_database(path, read_only=True) as connection:
         return summary_trusted(path, connection)
-    finally:
-        connection.close()
 
 
 def unreadable(exc: sqlite3.DatabaseError) -> TrackMetricsError:
@@ -2814,15 +2820,12 @@ def seal_summary(path: Path, connection: sqlite3.Connection) -> None:
 
 def build_summary(path: Path) -> None:
     """Summarise a whole database (the benchmarks' and tests' histories, written directly)."""
-    connection = open_database(path)
-    try:
+    with opened_database(path) as connection:
         connection.execute("PRAGMA journal_mode=DELETE")
         ensure_schema(connection)
         watch_changes(connection)
         refresh_summary(connection, rebuild=True)
         seal_summary(path, connection)
-    finally:
-        connection.close()
 
 
 def count_builds(path: Path) -> int:
@@ -3695,8 +3698,7 @@ class Builds:
         # As Unentropy's report: the trend is push and import builds; a branch chosen shows all of
         # its builds (its pull requests too), and a history without trend builds (a laptop's) all.
         trend, other = connection.execute(
-            f"SELECT EXISTS (SELECT 1 FROM build_contexts WHERE event_name IN {TREND_SQL}), EXISTS (SELECT 1"
-            f" FROM build_contexts WHERE event_name IS NULL OR event_name NOT IN {TREND_SQL})").fetchone()
+            f"SELECT EXISTS (SELECT 1 FROM build_contexts WHERE event_name IN {TREND_SQL}), {OTHER_BUILDS}").fetchone()
         self.trend_only = not branch and trend == 1
         # Filtered only when there is something to leave out: the (timestamp, id) index alone then
         # walks a history of trend builds, without reading each build's row for its event.
@@ -4238,12 +4240,9 @@ def write_report(database: Path, report_dir: Path, configured: Sequence[MetricCo
                  secrets: Sequence[str], branch: str | None = None, mode: str = "auto",
                  sections: Sequence = ()) -> tuple[Path, str]:
     """Write `<report_dir>/index.html` atomically; return its path and the job summary."""
-    connection = open_database(database, read_only=True)
-    try:
+    with opened_database(database, read_only=True) as connection:
         builds, series, cells = read_history(database, connection, configured, branch)
         document, rows = render_report(builds, series, cells, now_utc(), title, branch, mode, sections)
-    finally:
-        connection.close()
     report_dir.mkdir(parents=True, exist_ok=True)
     target, staging = report_dir / "index.html", report_dir / ".index.html.tmp"
     staging.write_text(redact(document, secrets), encoding="utf-8")
@@ -5517,11 +5516,8 @@ class ImportChange(Change):
         if request.dry_run:
             trial = tracking.workspace / "dry-run.db"
             shutil.copyfile(tracking.base, trial)
-            connection = open_database(trial)
-            try:
+            with opened_database(trial) as connection:
                 added, refused = apply_imports(connection, self.records)  # on a copy of the copy
-            finally:
-                connection.close()
             self.said = f"would add {count(added, 'value')} (dry run: nothing was uploaded, no report written)"
             console.info(f"import: {self.said}")
 
@@ -5552,11 +5548,8 @@ class PruneChange(Change):
 
     def prepare(self, tracking: "TrackingRun", phase: WorkflowPhase) -> None:
         """What the policy removes, said before anything is uploaded."""
-        connection = open_database(tracking.base)
-        try:
+        with opened_database(tracking.base) as connection:
             removed = prune_plan(connection, self.request, now_utc())
-        finally:
-            connection.close()
         phase.metadata["builds_removed"] = len(removed)
         verb = "would remove" if self.dry_run else "removes"
         tracking.console.info(f"prune: {verb} {count(len(removed), 'build')} of "
@@ -5930,11 +5923,8 @@ class TrackingRun:
         keep = f"{self.storage.key}.corrupt-{now_utc().strftime('%Y%m%dT%H%M%SZ')}"
         self.storage.copy(self.expected, keep)  # 412 (Conflict) if the object changed meanwhile
         base = base or self.new_database()
-        connection = open_database(base)
-        try:
+        with opened_database(base) as connection:
             salvaged = merge_salvage(connection, *salvage_rows(downloaded))
-        finally:
-            connection.close()
         self.console.warning(f"{damage.message.split(';')[0]}; kept it as s3://{self.storage.bucket}/"
                              f"{keep}; carried over {count(salvaged, 'build')} still readable in it")
         return base
@@ -6008,12 +5998,9 @@ class TrackingRun:
     def new_database(self) -> Path:
         path = self.workspace / "new.db"
         path.unlink(missing_ok=True)
-        connection = open_database(path)
-        try:
+        with opened_database(path) as connection:
             connection.execute("PRAGMA journal_mode=DELETE")
             ensure_schema(connection)
-        finally:
-            connection.close()
         return path
 
     def upload(self) -> None:
@@ -6514,16 +6501,13 @@ def export_command(args: argparse.Namespace, params: ActionParameters, console: 
         path = read_database(params, console, environ, workspace, params.artifact_branch or "main")
         if path is None:
             raise TrackMetricsError("DB_NOT_FOUND", f"{params.location} does not exist: nothing to export")
-        connection = open_database(path, read_only=True)
-        try:
+        with opened_database(path, read_only=True) as connection:
             lines = export_history(connection, args.format, args.metric, args.branch, args.since)
             if args.output:
                 with open(args.output, "w", encoding="utf-8", newline="") as handle:
                     handle.writelines(lines)
             else:
                 sys.stdout.writelines(lines)
-        finally:
-            connection.close()
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
     return EXIT_OK

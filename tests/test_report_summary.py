@@ -139,9 +139,10 @@ def test_the_summary_gives_the_slow_ways_cards_through_runs_imports_reruns_and_p
     check_against_the_slow_way(database, tmp_path)
 
     for n, values in enumerate([{"coverage": 99.5}, {"bundle-size": 9_999_999}, {"coverage": 87},
-                                {"lines-of-code": -5, "build-status": "flaky"}]):
+                                {"lines-of-code": -5, "build-status": "flaky"}, {"coverage": 0.5}]):
+        event = "pull_request" if n == 4 else "push"  # a pull request's new low stays out of the trend's summary
         result = run_local("--config", write_config(tmp_path, values), "--local-db", str(database),
-                           "--commit", f"{n:x}" * 40, "--run-id", f"new-{n}", "--branch", "main", "--event", "push",
+                           "--commit", f"{n:x}" * 40, "--run-id", f"new-{n}", "--branch", "main", "--event", event,
                            "--verbose")
         assert result.returncode == 0, result.output
         assert "summary: 1 block of 16 builds refreshed" in result.stderr  # the seal held: no rebuild
