@@ -62,7 +62,8 @@ Error codes (``WorkflowError.code``):
     DB_MISSING              the database key is missing beside its backups or other databases (restore it,
                             fix --database-key, or --new-history)
     DB_NOT_SQLITE           the object is not a SQLite database
-    DB_CORRUPT              SQLite's integrity check failed (on two downloads)
+    DB_CORRUPT              SQLite's integrity check failed (on two downloads), or a damaged page was met
+                            while reading
     DB_SCHEMA_UNKNOWN       a SQLite database this tool cannot write (tables, UNIQUE keys, triggers)
     DB_SCHEMA_NEWER         the database has a newer schema version: upgrade track_metrics
     DB_WRITE_FAILED         SQLite refused to record the build
