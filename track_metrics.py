@@ -79,7 +79,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -2028,9 +2027,10 @@ class LocalStorage:
         if not self.path.exists():
             return None
         try:
-            modified = iso(dt.datetime.fromtimestamp(self.path.stat().st_mtime, dt.timezone.utc))
+            status = self.path.stat()
+            modified = iso(dt.datetime.fromtimestamp(status.st_mtime, dt.timezone.utc))
             if dest == self.path:
-                return DatabaseFile(self.key, self.path.stat().st_size, modified, None, None, "", self.location)
+                return DatabaseFile(self.key, status.st_size, modified, None, None, "", self.location)
             if self.sidecars():
                 self.read_through_sqlite(dest)
             else:
@@ -2711,12 +2711,13 @@ def refresh_summary(connection: sqlite3.Connection, rebuild: bool) -> str:
     try:
         if rebuild:
             connection.execute("DELETE FROM track_metrics_summary")
+        leave_out = connection.execute(f"SELECT {OTHER_BUILDS}").fetchone()[0]  # values of other builds
         for below, size in zip((1, *SUMMARY_SIZES), SUMMARY_SIZES):
             if rebuild and below == 1:
-                summarise_values(connection)
+                summarise_values(connection, leave_out)
                 continue
             for block in [None] if rebuild else sorted({number * base // size for number in touched}):
-                summarise_block(connection, size, below, block)
+                summarise_block(connection, size, below, block, leave_out)
         refresh_labels(connection, rebuild)
         connection.execute("DELETE FROM temp.touched")
         connection.execute("DELETE FROM temp.appended")
@@ -2727,14 +2728,14 @@ def refresh_summary(connection: sqlite3.Connection, rebuild: bool) -> str:
     return "rebuilt" if rebuild else f"{count(len(touched), 'block')} of {base} builds refreshed"
 
 
-def summarise_values(connection: sqlite3.Connection, chunk: int = 100_000) -> None:
+def summarise_values(connection: sqlite3.Connection, leave_out: bool, chunk: int = 100_000) -> None:
     """Every smallest block from the values: one scan in page order, folded `chunk` values at a
     time and merged into what the chunks before left (ties to the older build). Half the time
     of SQLite's GROUP BY, which sorts 3 million values and then looks each block's builds up."""
     values = connection.execute(
         "SELECT metric_id, build_id, value_numeric FROM metric_values NOT INDEXED WHERE typeof(build_id) ="
         f" 'integer' AND build_id >= 0 AND typeof(value_numeric) IN ('integer', 'real')")
-    if connection.execute(f"SELECT {OTHER_BUILDS}").fetchone()[0]:  # values to leave out
+    if leave_out:  # the values of builds that are not trend builds
         trend = {row[0] for row in connection.execute(f"SELECT id FROM build_contexts WHERE event_name IN {TREND_SQL}")}
         values = (row for row in values if row[1] in trend)
     holder = "CASE WHEN excluded.{0} {1} {0} OR (excluded.{0} = {0} AND excluded.{0}_build < {0}_build)" \
@@ -2747,11 +2748,12 @@ def summarise_values(connection: sqlite3.Connection, chunk: int = 100_000) -> No
             [(metric, block, *fold) for (metric, block), fold in blocks.items()])
 
 
-def summarise_block(connection: sqlite3.Connection, size: int, below: int, block: int | None) -> None:
+def summarise_block(connection: sqlite3.Connection, size: int, below: int, block: int | None,
+                     leave_out: bool) -> None:
     """Recompute one block of `size` builds (every block when `block` is None; from the values,
     one block only) from its parts: count, lowest and highest, then the oldest build holding each."""
     table, key, n, lo, hi, lo_build, hi_build, where = BLOCK_PARTS[below]
-    if below == 1 and connection.execute(f"SELECT {OTHER_BUILDS}").fetchone()[0]:  # values to leave out
+    if below == 1 and leave_out:  # the values of builds that are not trend builds
         where += f" AND (SELECT event_name FROM build_contexts WHERE id = s.build_id) IN {TREND_SQL}"
     ratio, outer = size // below, "track_metrics_summary"
     only = ("", "") if block is None else (f" AND {key} BETWEEN ? AND ?", f" AND {outer}.block = ?")
@@ -2789,16 +2791,23 @@ def refresh_labels(connection: sqlite3.Connection, rebuild: bool) -> None:
     labels = [row[0] for row in connection.execute("SELECT id FROM metric_definitions WHERE type != 'numeric'")]
     rows = itertools.chain.from_iterable(connection.execute(values.format("v.metric_id = ?"), (metric,))
                                          for metric in labels) if rebuild else connection.execute(appended)
-    runs: dict[str, list] = {}  # metric → its runs to write: the stored last one, then new ones
     stored = {row[0]: list(row) for row in connection.execute(f"SELECT * FROM track_metrics_labels l WHERE {LAST_RUN}")}
-    for metric, value, build, _ in rows:
+    connection.executemany("INSERT OR REPLACE INTO track_metrics_labels VALUES (?, ?, ?, ?, ?, ?)",
+                           [run for chain in label_runs(rows, stored).values() for run in chain])
+
+
+def label_runs(rows: Iterator[Sequence], stored: Mapping[str, list] = {}) -> dict[str, list[list]]:
+    """(metric, value, build, …) rows in time order as each metric's runs of equal values, rows
+    as track_metrics_labels holds them: [metric, run, value, first build, last build, count];
+    a metric's runs continue its `stored` last run (which comes back first, extended or not)."""
+    runs: dict[str, list[list]] = {}
+    for metric, value, build, *_ in rows:
         chain = runs.setdefault(metric, [stored[metric]] if metric in stored else [])
         if chain and chain[-1][2] == value:
             chain[-1][4:] = [build, chain[-1][5] + 1]
         else:
             chain.append([metric, chain[-1][1] + 1 if chain else 1, value, build, build, 1])
-    connection.executemany("INSERT OR REPLACE INTO track_metrics_labels VALUES (?, ?, ?, ?, ?, ?)",
-                           [run for chain in runs.values() for run in chain])
+    return runs
 
 
 def summary_seal(path: Path, connection: sqlite3.Connection, commits: int = 0) -> str:
@@ -3820,15 +3829,11 @@ def read_history(path: Path, connection: sqlite3.Connection, configured: Sequenc
 
 
 def label_changes(item: Series, points: Iterator[tuple[int, Any]]) -> None:
-    """A label metric from its (build, value) points in time order: its count and changes."""
-    changes: collections.deque = collections.deque(maxlen=10)
-    for build_id, value in points:
-        if not item.count or value != previous:
-            changes.append((build_id, value))
-            item.change_count += 1
-        previous = value
-        item.count += 1
-    item.changes = list(changes)
+    """A label metric from its (build, value) points in time order: its count and last changes,
+    from its runs of equal values as the summary keeps them (label_runs)."""
+    runs = label_runs((item.id, value, build) for build, value in points).get(item.id, [])
+    item.count, item.change_count = sum(run[5] for run in runs), len(runs)
+    item.changes = [(run[3], run[2]) for run in runs[-10:]]
 
 
 def summarise_blocks(item: Series, blocks: Sequence[Sequence], limit: int) -> None:
