@@ -4387,7 +4387,8 @@ class Noise:
 
 CHANGE_POINT = 4.0  # a level shift this many standard errors wide is a step, not noise
 OUTLIER = 3.5  # a value this many noise widths from its neighbours' median is an outlier
-SAMPLE_OUTLIER = 5.0  # a repeated run this many noise widths from its runs' median is left out
+SAMPLE_OUTLIER = 5.0  # a repeated run this many run widths from its runs' median is left out
+STRAY_CUT = 2.5  # … or this many, where the history's own runs stray
 PLAUSIBLE = 2.5  # a shift this wide is judged both ways (since it, and over the whole level)
 SEGMENTED = 8  # the fewest values searched for outliers and steps
 
@@ -4457,16 +4458,30 @@ def _segments(values: Sequence[float], sigma: float, threshold: float) -> list[l
     return _segments(values[:split], sigma, threshold) + _segments(values[split:], sigma, threshold)
 
 
-def measure(samples: Sequence[float], width: float | None) -> float:
-    """One measurement's runs as one value: their mean, without runs more than SAMPLE_OUTLIER
-    noise widths from their median (a run on a busy machine); one run is itself."""
+def measure(samples: Sequence[float], width: float | None, cut: float = SAMPLE_OUTLIER) -> tuple[float, int]:
+    """One measurement's runs as one value, and how many runs are behind it: their mean, without
+    runs more than `cut` run widths from their median (a run on a busy machine)."""
     import statistics
-    if len(samples) == 1:
-        return float(samples[0])
+    if len(samples) == 1 or not width:
+        return statistics.fmean(samples), len(samples)
     middle = statistics.median(samples)
+    kept = [s for s in samples if abs(s - middle) <= cut * width] or [middle]
+    return statistics.fmean(kept), len(kept)
+
+
+def run_width(history: Sequence[tuple[float, Sequence[float] | None]]) -> tuple[float | None, float]:
+    """One run's noise within a build, from the history's repeated builds: the median of every
+    build's pairwise run differences, which is 0.6745·√2 widths (outliers barely move it); and the
+    cut that leaves a run out: SAMPLE_OUTLIER widths, or STRAY_CUT where the history's own runs
+    stray (two or more beyond OUTLIER widths from their build's median)."""
+    import statistics
+    repeated = [runs for _, runs in history if runs]
+    gaps = [abs(a - b) for runs in repeated for i, a in enumerate(runs) for b in runs[i + 1:]]
+    width = statistics.median(gaps) / (0.6745 * math.sqrt(2)) if len(gaps) >= 3 else 0.0
     if not width:
-        return statistics.fmean(samples)
-    return statistics.fmean([s for s in samples if abs(s - middle) <= SAMPLE_OUTLIER * width] or [middle])
+        return None, SAMPLE_OUTLIER
+    strays = sum(abs(s - statistics.median(runs)) > OUTLIER * width for runs in repeated for s in runs)
+    return width, STRAY_CUT if strays >= 2 else SAMPLE_OUTLIER
 
 
 @dataclass(frozen=True)
@@ -4477,6 +4492,7 @@ class Judged:
     statistic: float
     share: float
     runs: int  # this PR's runs
+    kept: int  # … the runs behind the statistic: a run far from the others is left out
 
 
 def judge_noise(history: Sequence[tuple[float, Sequence[float] | None]], samples: Sequence[float],
@@ -4485,16 +4501,14 @@ def judge_noise(history: Sequence[tuple[float, Sequence[float] | None]], samples
     the noise model: a repeated history's values are its runs' means, so they compare with this
     PR's mean; their noise scales with how many runs are behind each side."""
     import statistics
-    widths = [statistics.median(abs(s - statistics.median(runs)) for s in runs) / 0.6745
-              for _, runs in history if runs and len(runs) >= 3]
-    within = statistics.median(widths) if widths else None
-    values = [measure(runs, within) if runs else value for value, runs in history]
-    behind = int(statistics.median([len(runs) if runs else 1 for _, runs in history])) if history else 1
-    noise = estimate_noise(values, model)
+    within, cut = run_width(history)
+    measured = [measure(runs, within, cut) if runs else (value, 1) for value, runs in history]
+    noise = estimate_noise([value for value, _ in measured], model)
     if noise is None:
         return None
-    width = within if within is not None else noise.sigma * math.sqrt(behind)
-    return Judged(noise, measure(samples, width), behind / len(samples), len(samples))
+    behind = statistics.median(runs for _, runs in measured)
+    statistic, kept = measure(samples, within if within is not None else noise.sigma * math.sqrt(behind), cut)
+    return Judged(noise, statistic, behind / kept, len(samples), kept)
 
 
 def evaluate_rule(rule: Mapping[str, Any], verdict: MetricVerdict, judged: Judged | None = None) -> RuleResult:
@@ -4536,7 +4550,8 @@ def evaluate_rule(rule: Mapping[str, Any], verdict: MetricVerdict, judged: Judge
     centre, worse, allowed, band = readings[0]
     words = change_in_words(verdict.name, value, centre, unit, verdict.direction, allowed)
     if judged is not None and judged.runs > 1:
-        words += f" (the mean of {judged.runs} runs)"
+        behind = f"{judged.kept} of {judged.runs}" if judged.kept < judged.runs else str(judged.runs)
+        words += f" (the mean of {behind} runs)"
     if noisy:
         words += f"; noise band {format_value(band, unit)} from {count(judged.noise.runs, 'run')}"
     return RuleResult(mode, severity, "fail" if failed else "pass", words,

@@ -104,6 +104,25 @@ def test_outliers_do_not_widen_the_band():
     assert tm.estimate_noise([1.0, 2.0]) is None
 
 
+def repeated(seed: int, builds: int = 40, slow: float = 0.0) -> list[tuple[float, list[float]]]:
+    """Builds of five runs with 5% noise; a share `slow` of the runs took 1.3 times as long."""
+    rng, series = random.Random(seed), []
+    for _ in range(builds):
+        runs = [100 * (1 + rng.gauss(0, 0.05)) * (1.3 if rng.random() < slow else 1) for _ in range(5)]
+        series.append((sorted(runs)[2], runs))
+    return series
+
+
+def test_a_runs_width_is_read_within_builds_and_a_straying_history_cuts_closer():
+    width, cut = tm.run_width(repeated(1, builds=50))
+    assert 4.5 < width < 5.5 and cut == tm.SAMPLE_OUTLIER  # 5% of 100: one run's noise, not the median's
+    width, cut = tm.run_width(repeated(1, builds=50, slow=0.05))
+    assert 4.5 < width < 6 and cut == tm.STRAY_CUT  # slow runs barely move the width; they are seen
+    assert tm.run_width([(1.0, None)] * 5) == (None, tm.SAMPLE_OUTLIER)
+    assert tm.measure([100.0, 101.0, 99.0, 100.5, 115.0], 1.0, 5.0) == (100.125, 4)
+    assert tm.measure([100.0, 101.0, 99.0, 100.5, 103.0], 1.0, 5.0) == (100.7, 5)
+
+
 def test_a_changes_words_use_points_for_percentages_and_percent_otherwise():
     assert tm.change_in_words("coverage", 79.3, 80.0, "percent", "up", 0.5) == "coverage fell 0.7 pp; allowed fall 0.5 pp"
     text = tm.change_in_words("build time", 112.0, 100.0, "duration", "down", 8.0)
@@ -217,6 +236,20 @@ def test_the_gate_judges_a_prs_runs_against_a_repeated_history(tmp_path):
     assert "the mean of 5 runs" in document["metrics"][0]["rules"][0]["message"]
     _, single, _ = gate(tmp_path, db, {"test-time": 110.0})
     assert single["status"] == "pass"  # one run of +10% is within the noise
+
+
+def test_a_slow_run_is_left_out_where_mains_runs_are_known_to_stray(tmp_path):
+    project(tmp_path, [{"metric": "test-time", **TIMING}],
+            metrics={"test-time": {"$ref": "test-time", "command": "echo 1", "repeat": 5}})
+    runs = [100.0, 104.0, 97.0, 101.0, 118.0]  # one run 3.5 widths above the others' median
+    clean = history(tmp_path, {"test-time": repeated(6)})
+    _, kept, _ = gate(tmp_path, clean, {"test-time": runs})
+    assert "(the mean of 5 runs)" in kept["metrics"][0]["rules"][0]["message"], kept
+    (tmp_path / "m.db").unlink()
+    straying = history(tmp_path, {"test-time": repeated(6, slow=0.05)})
+    _, cut, _ = gate(tmp_path, straying, {"test-time": runs})
+    rule = cut["metrics"][0]["rules"][0]
+    assert "(the mean of 4 of 5 runs)" in rule["message"] and cut["status"] == "pass", cut
 
 
 @pytest.mark.parametrize("values, named", [
