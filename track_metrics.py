@@ -4458,7 +4458,7 @@ def _segments(values: Sequence[float], sigma: float, threshold: float) -> list[l
     return _segments(values[:split], sigma, threshold) + _segments(values[split:], sigma, threshold)
 
 
-def measure(samples: Sequence[float], width: float | None, cut: float = SAMPLE_OUTLIER) -> tuple[float, int]:
+def measure(samples: Sequence[float], width: float | None, cut: float) -> tuple[float, int]:
     """One measurement's runs as one value, and how many runs are behind it: their mean, without
     runs more than `cut` run widths from their median (a run on a busy machine)."""
     import statistics
@@ -4480,7 +4480,8 @@ def run_width(history: Sequence[tuple[float, Sequence[float] | None]]) -> tuple[
     width = statistics.median(gaps) / (0.6745 * math.sqrt(2)) if len(gaps) >= 3 else 0.0
     if not width:
         return None, SAMPLE_OUTLIER
-    strays = sum(abs(s - statistics.median(runs)) > OUTLIER * width for runs in repeated for s in runs)
+    middles = [statistics.median(runs) for runs in repeated]
+    strays = sum(abs(s - middle) > OUTLIER * width for runs, middle in zip(repeated, middles) for s in runs)
     return width, STRAY_CUT if strays >= 2 else SAMPLE_OUTLIER
 
 
